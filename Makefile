@@ -1,0 +1,40 @@
+# msae — quick start: `make demo` (run the embedded default), `make test` (run the tests).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DAGSTER_HOME := $(CURDIR)/.dagster
+export PYTHONUNBUFFERED := 1
+
+# A machine with an NVIDIA driver gets PyPI's CUDA build of torch; elsewhere the CPU build.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
+
+.PHONY: install demo test ui bench clean-outputs
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## Materialize the whole embedded-default pipeline into the project's Dagster instance.
+demo: install
+	mkdir -p $(DAGSTER_HOME)
+	$(PY) -m msae_assets.materialize
+
+## Run the test suite.
+test: install
+	$(PY) -m pytest
+
+## The Dagster web UI (asset graph, partitions, runs) on http://127.0.0.1:3000.
+ui: install
+	mkdir -p $(DAGSTER_HOME)
+	$(VENV)/bin/dagster dev -w workspace.yaml
+
+## Benchmarks (writes benchmarks/RESULTS.md sections).
+bench: install
+	$(PY) benchmarks/bench_extract.py
+
+clean-outputs:
+	rm -rf outputs .dagster/storage .dagster/history .dagster/schedules .dagster/logs

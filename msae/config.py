@@ -1,0 +1,278 @@
+"""The whole pipeline's configuration: one YAML file -> one validated pydantic model.
+
+Resolution order (first match wins):
+1. ``MSAE_CONFIG``: path to a YAML file;
+2. ``MSAE_PROFILE``: name of a built-in profile in ``msae/profiles`` (``embedded`` or ``paper``);
+3. the ``embedded`` profile.
+``MSAE_STORE`` overrides the ``store`` key of whichever file was chosen (tests and CI use it).
+
+Every section forbids unknown keys, so a typo fails loudly with the key's dotted path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from msae.world.config import ShapesConfig
+
+PROFILES = ("embedded", "paper")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def fingerprint(self) -> str:
+        """Short stable hash of this section, used in Dagster code versions and manifests."""
+        return config_hash(self)
+
+
+def config_hash(*parts: BaseModel | dict | str | int | None, length: int = 10) -> str:
+    """Stable short hash of config sections (key order independent)."""
+    payload = [p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts]
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+class DatasetConfig(_Section):
+    """Which VQA samples to run the VLM on."""
+
+    kind: Literal["shapes", "llava", "hf"] = Field(
+        description="shapes: the synthetic world; llava: local LLaVA-format JSON/JSONL or folder; "
+        "hf: a Hugging Face dataset, streamed."
+    )
+    path: str | None = Field(
+        None,
+        description="llava: a .json/.jsonl file, or a folder holding one (plus the images).",
+    )
+    image_root: str | None = Field(
+        None, description="llava: folder that `image` paths are relative to (default: the file's folder)."
+    )
+    name: str | None = Field(None, description="hf: dataset id or local dataset folder.")
+    subset: str | None = Field(None, description="hf: configuration name, if the dataset has several.")
+    split: str = Field("train", description="hf: split to stream.")
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="Keep the first fraction of the split (e.g. 0.15 as in the paper)."
+    )
+    limit: int | None = Field(None, gt=0, description="Keep at most this many samples.")
+    revision: str | None = Field(None, description="hf: dataset revision.")
+    shapes: ShapesConfig | None = Field(None, description="shapes: the world's generator settings.")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "DatasetConfig":
+        if self.kind == "llava" and not self.path:
+            raise ValueError("dataset.path is required when dataset.kind is 'llava'")
+        if self.kind == "hf" and not self.name:
+            raise ValueError("dataset.name is required when dataset.kind is 'hf'")
+        if self.kind == "shapes" and self.shapes is None:
+            object.__setattr__(self, "shapes", ShapesConfig())
+        if self.kind != "shapes" and self.shapes is not None:
+            raise ValueError(f"dataset.shapes is only valid with kind 'shapes', not {self.kind!r}")
+        return self
+
+
+class ModelConfig(_Section):
+    """The VLM whose residual stream is read. Local folders and HF hub ids go through one path."""
+
+    name_or_path: str = Field(description="HF hub id or local folder saved with save_pretrained.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA if supported, float32 on CPU."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    batch_size: int = Field(8, gt=0, description="Samples per forward pass.")
+    trust_remote_code: bool = Field(False, description="Only turn on for checkpoints you trust.")
+    local_files_only: bool = Field(
+        False, description="Never contact the hub (offline runs; the embedded model sets it)."
+    )
+
+
+class ExtractionConfig(_Section):
+    """What the VLM is fed and how its activations are written."""
+
+    include_answer: bool = Field(True, description="Append the answer after the templated question.")
+    chunk_samples: int = Field(
+        64, gt=0, description="Samples per resumable chunk (the unit of checkpointing)."
+    )
+    rows_per_zarr_chunk: int = Field(4096, gt=0, description="Token rows per zarr chunk.")
+    max_length: int | None = Field(
+        None, gt=0, description="Truncate text tokens beyond this length (image tokens are never cut)."
+    )
+    store_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the stored activations."
+    )
+
+
+class SAEConfig(_Section):
+    """Sparse autoencoders trained or loaded per layer × width (used by the `sae` stage)."""
+
+    source: Literal["train", "pretrained"] = "train"
+    architecture: Literal["topk", "batchtopk"] = "topk"
+    k: int = Field(16, gt=0, description="Active latents per token.")
+    pretrained: str | None = Field(
+        None, description="pretrained: local folder or HF repo in sparsify layout."
+    )
+    hookpoint_template: str = Field(
+        "model.layers.{layer}", description="Subfolder of a pretrained repo for a layer."
+    )
+    token_budget: int = Field(2_000_000, gt=0, description="Training tokens per SAE.")
+    lr: float | None = Field(None, gt=0, description="None: scale with width as in Gao et al.")
+    batch_size: int = Field(1024, gt=0)
+    train_on: Literal["image", "text", "both"] = "both"
+    seed: int = 0
+
+
+class LatentsConfig(_Section):
+    """Which latents to analyse and how their top samples are ranked (the `latent_stats` stage)."""
+
+    select: Literal["all", "first", "sample"] = "all"
+    n: int | None = Field(None, gt=0, description="first/sample: number of latents.")
+    top_k: int = Field(5, gt=0, description="Top samples kept per latent and modality.")
+    ranking: Literal["active_patches", "max", "mean"] = Field(
+        "active_patches",
+        description="active_patches: the paper's rule (most active base-grid patches, then mean).",
+    )
+    seed: int = 0
+
+
+class ExplainerConfig(_Section):
+    """Who proposes a concept per latent (the `concepts` stage)."""
+
+    backend: Literal["dissection", "openai", "transformers"] = "dissection"
+    model: str | None = Field(None, description="openai/transformers: model name or id.")
+    base_url: str | None = Field(None, description="openai: server URL.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="openai: env var holding the key.")
+    max_concept_chars: int = Field(40, gt=0, description="Longer concepts are dropped.")
+
+
+class EmbeddersConfig(_Section):
+    """Image–text and text–text embedders used to score concepts."""
+
+    image_text: list[str] = Field(default_factory=list, description="CLIP/ALIGN ids or local folders.")
+    text: str | None = Field(None, description="Sentence embedder id or folder.")
+    blur_radius: float = Field(5.0, ge=0)
+    text_window: int = Field(5, ge=0, description="Tokens each side of the peak for textual scoring.")
+
+
+class MsaeConfig(_Section):
+    """The whole pipeline."""
+
+    store: str = Field(description="Output root: local folder or fsspec URL (s3://, gs://, memory://).")
+    dataset: DatasetConfig
+    model: ModelConfig
+    layers: list[int] = Field(min_length=1, description="Decoder layers (0-based) whose output is read.")
+    widths: list[int] = Field(min_length=1, description="SAE widths (number of latents).")
+    extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
+    latents: LatentsConfig = Field(default_factory=LatentsConfig)
+    explainer: ExplainerConfig = Field(default_factory=ExplainerConfig)
+    embedders: EmbeddersConfig = Field(default_factory=EmbeddersConfig)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: list[int]) -> list[int]:
+        if any(layer < 0 for layer in v):
+            raise ValueError(f"layers must be >= 0 (0 is the first decoder layer), got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"layers has duplicates: {v}")
+        return sorted(v)
+
+    @field_validator("widths")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(w <= 0 for w in v):
+            raise ValueError(f"widths must be positive, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"widths has duplicates: {v}")
+        return sorted(v)
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names the offending key."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid msae config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see README 'Configuration')"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any], source: str = "<dict>") -> MsaeConfig:
+    """Validate a raw mapping; errors name every bad key by its dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid msae config ({source}): top level must be a mapping")
+    try:
+        return MsaeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def profile_text(name: str) -> str:
+    if name not in PROFILES:
+        raise ConfigError(f"MSAE_PROFILE={name!r} is not a built-in profile; choose one of {PROFILES}")
+    return resources.files("msae.profiles").joinpath(f"{name}.yaml").read_text()
+
+
+def load_config(path: str | os.PathLike | None = None, profile: str | None = None) -> MsaeConfig:
+    """Load from an explicit path/profile, else from MSAE_CONFIG / MSAE_PROFILE (see module doc)."""
+    path = path or os.environ.get("MSAE_CONFIG") or None
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p} (from MSAE_CONFIG or the path given)")
+        text, source = p.read_text(), str(p)
+    else:
+        name = profile or os.environ.get("MSAE_PROFILE") or "embedded"
+        text, source = profile_text(name), f"profile {name}"
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {source} is not valid YAML: {err}") from None
+    store_override = os.environ.get("MSAE_STORE")
+    if store_override and isinstance(data, dict):
+        data["store"] = store_override
+    base = Path(path).resolve().parent if path else PROJECT_ROOT
+    return resolve_local_paths(parse_config(data, source), base)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _is_url(ref: str) -> bool:
+    return "://" in ref
+
+
+def resolve_local_paths(cfg: MsaeConfig, base: Path) -> MsaeConfig:
+    """Make relative local paths absolute against ``base`` so every process sees the same files.
+
+    ``store`` is always a path or URL. ``model.name_or_path`` and ``dataset.path``/``name`` may be
+    hub ids, so they are only resolved when the relative path exists under ``base``.
+    """
+    updates: dict[str, Any] = {}
+    if not _is_url(cfg.store) and not Path(cfg.store).is_absolute():
+        updates["store"] = str((base / cfg.store).resolve())
+
+    def existing(ref: str | None) -> str | None:
+        if ref and not _is_url(ref) and not Path(ref).is_absolute() and (base / ref).exists():
+            return str((base / ref).resolve())
+        return None
+
+    if (m := existing(cfg.model.name_or_path)) is not None:
+        updates["model"] = cfg.model.model_copy(update={"name_or_path": m})
+    ds_updates = {k: v for k in ("path", "name", "image_root") if (v := existing(getattr(cfg.dataset, k)))}
+    if ds_updates:
+        updates["dataset"] = cfg.dataset.model_copy(update=ds_updates)
+    return cfg.model_copy(update=updates) if updates else cfg

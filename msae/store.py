@@ -1,0 +1,107 @@
+"""The output store: one root (local folder or fsspec URL) and the layout of everything under it.
+
+All stages address files through :class:`Store` so that a local run and a run writing to
+``s3://…`` or ``memory://…`` share code. Layout (see README "Output layout")::
+
+    <store>/samples.parquet                     vqa_samples
+    <store>/world/…                             shapes world (images, annotations)
+    <store>/images/…                            images materialised from an hf dataset
+    <store>/tokens.parquet                      one row per activation row
+    <store>/activations/layer=<L>.zarr          float16 [n_tokens, d_model]
+    <store>/_progress/…                         extraction checkpoints
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import polars as pl
+from fsspec.core import url_to_fs
+
+
+@dataclass(frozen=True)
+class Store:
+    """A root URL plus helpers; paths are always '/'-joined relative names."""
+
+    root: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", self.root.rstrip("/"))
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        return url_to_fs(self.root)[0]
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.root or self.root.startswith("file://")
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def path(self, *parts: str) -> str:
+        """Path in the store's filesystem (no protocol), for fsspec calls."""
+        return url_to_fs(self.url(*parts))[1]
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def makedirs(self, *parts: str) -> None:
+        self.fs.makedirs(self.path(*parts), exist_ok=True)
+
+    def rm(self, *parts: str) -> None:
+        if self.exists(*parts):
+            self.fs.rm(self.path(*parts), recursive=True)
+
+    # --- bytes, json, parquet -------------------------------------------------------------
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write atomically where the filesystem allows (local: temp file + rename)."""
+        target = self.path(*parts)
+        self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        if self.is_local:
+            tmp = target + ".tmp"
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+            self.fs.mv(tmp, target)
+        else:
+            with self.fs.open(target, "wb") as f:
+                f.write(data)
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self.fs.open(self.path(*parts), "rb") as f:
+            return f.read()
+
+    def write_json(self, obj: Any, *parts: str) -> None:
+        self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode(), *parts)
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def write_parquet(self, df: pl.DataFrame, *parts: str) -> None:
+        buf = io.BytesIO()
+        df.write_parquet(buf, compression="zstd", statistics=True)
+        self.write_bytes(buf.getvalue(), *parts)
+
+    def read_parquet(self, *parts: str) -> pl.DataFrame:
+        return pl.read_parquet(io.BytesIO(self.read_bytes(*parts)))
+
+    # --- zarr -------------------------------------------------------------------------------
+    def zarr_store(self, *parts: str, read_only: bool = False):
+        """A zarr v3 store object for a path under the root (local or fsspec)."""
+        import zarr.storage
+
+        if self.is_local:
+            return zarr.storage.LocalStore(self.path(*parts), read_only=read_only)
+        return zarr.storage.FsspecStore.from_url(self.url(*parts), read_only=read_only)
+
+    # --- standard names ---------------------------------------------------------------------
+    SAMPLES = "samples.parquet"
+    TOKENS = "tokens.parquet"
+
+    @staticmethod
+    def activations_name(layer: int) -> str:
+        return f"activations/layer={layer}.zarr"

@@ -1,0 +1,68 @@
+"""Asset `activations` (per layer): residual-stream activations in zarr plus the token table.
+
+All configured layers are captured in one forward pass, so materializing any layer partition
+fills every layer's array; the other partitions then find their manifests and return at once.
+"""
+
+import dagster as dg
+
+from msae.config import MsaeConfig
+from msae.manifest import Manifest, current_manifest, fingerprint, save_manifest, upstream_version
+from msae.store import Store
+from msae_assets.partitions import layer_partitions
+from msae_assets.stage import markdown_table, to_dagster_metadata
+from msae_assets.versions import code_version
+from msae_resources.vlm import VLMResource
+
+def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
+    version = code_version("activations", cfg.model, cfg.extraction, cfg.layers)
+
+    @dg.asset(
+        name="activations",
+        code_version=version,
+        partitions_def=layer_partitions(cfg),
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=["vqa_samples"],
+        description="Residual stream of each decoder layer → <store>/activations/layer=<L>.zarr "
+        "and one token table <store>/tokens.parquet (row i describes row i of every layer).",
+        kinds={"pytorch", "zarr"},
+        group_name="extraction",
+        pool="vlm",
+    )
+    def activations(context: dg.AssetExecutionContext, vlm: VLMResource) -> dg.MaterializeResult:
+        store = Store(cfg.store)
+        fp = fingerprint(version, {"vqa_samples": upstream_version(store, "vqa_samples")})
+        wanted = [int(k) for k in context.partition_keys]
+        done = {layer: current_manifest(store, "activations", fp, str(layer)) for layer in wanted}
+        if all(done.values()):
+            context.log.info(f"activations {wanted}: up to date ({fp}), reusing")
+            manifests = [m for m in done.values() if m is not None]
+        else:
+            manifests = _extract_all_layers(cfg, store, vlm, fp)
+            manifests = [m for m in manifests if int(m.metadata["layer"]) in wanted]
+        meta = manifests[0].metadata if len(manifests) == 1 else {
+            "layers_md": markdown_table([{k: m.metadata[k] for k in ("layer", "rows", "path")} for m in manifests])
+        }
+        shared = {k: v for k, v in manifests[0].metadata.items() if k not in ("layer", "path", "rows", "bytes")}
+        return dg.MaterializeResult(
+            metadata=to_dagster_metadata({**shared, **meta}),
+            data_version=dg.DataVersion("+".join(sorted({m.data_version for m in manifests}))),
+        )
+
+    return activations
+
+def _extract_all_layers(cfg: MsaeConfig, store: Store, vlm: VLMResource, fp: str) -> list[Manifest]:
+    """One forward pass for every configured layer; a manifest per layer."""
+    from msae.data.samples import read_samples
+    from msae.extract.extractor import extract_activations
+
+    with vlm.load() as loaded:
+        result = extract_activations(read_samples(store), loaded, cfg.layers, store, cfg.extraction)
+    common = result.summary()
+    manifests = []
+    for layer in cfg.layers:
+        layer_meta = result.layer_summary(layer)
+        m = Manifest("activations", fp, f"{fp}-{layer_meta['rows']}", {**common, **layer_meta, "layer": layer})
+        save_manifest(store, m, str(layer))
+        manifests.append(m)
+    return manifests

@@ -1,0 +1,21 @@
+"""Dagster definitions built from the one msae config (MSAE_CONFIG / MSAE_PROFILE)."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from msae.config import MsaeConfig, load_config
+from msae_assets.activations import build_activations_asset
+from msae_assets.samples import build_vqa_samples_asset
+from msae_resources.vlm import VLMResource
+
+
+def build_definitions(cfg: MsaeConfig) -> dg.Definitions:
+    """Every asset, partition and resource for one config; tests call this with their own."""
+    return dg.Definitions(
+        assets=[build_vqa_samples_asset(cfg), build_activations_asset(cfg)],
+        resources={"vlm": VLMResource.from_config(cfg.model)},
+    )
+
+
+defs = build_definitions(load_config())

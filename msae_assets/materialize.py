@@ -1,0 +1,60 @@
+"""Materialize the whole pipeline with the Dagster CLI: one call per partition group, in graph order.
+
+`dagster asset materialize` needs every selected asset to share one partitions definition, so the
+unpartitioned assets go first, then each partitioned stage over its full key range in one run
+(its backfill policy is single-run). Used by `make demo` and `.ci/run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from msae.config import PROJECT_ROOT, MsaeConfig, load_config
+
+MODULE = "msae_assets.definitions"
+
+
+def materialize_commands(cfg: MsaeConfig) -> list[list[str]]:
+    """The CLI calls, in graph order, that materialize every asset and partition."""
+    base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", MODULE, "--select"]
+    layer_range = f"{cfg.layers[0]}...{cfg.layers[-1]}"
+    return [
+        [*base, "vqa_samples"],
+        [*base, "activations", "--partition-range", layer_range],
+    ]
+
+
+def ensure_dagster_home() -> str:
+    """DAGSTER_HOME must be absolute and exist, else the CLI uses a throw-away instance."""
+    home = os.environ.get("DAGSTER_HOME") or str(PROJECT_ROOT / ".dagster")
+    home = str(Path(home).resolve())
+    Path(home).mkdir(parents=True, exist_ok=True)
+    if not (Path(home) / "dagster.yaml").exists() and (PROJECT_ROOT / "dagster.yaml").exists():
+        (Path(home) / "dagster.yaml").write_text((PROJECT_ROOT / "dagster.yaml").read_text())
+    os.environ["DAGSTER_HOME"] = home
+    return home
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = parser.parse_args(argv)
+    cfg = load_config()
+    home = ensure_dagster_home()
+    for cmd in materialize_commands(cfg):
+        print("+", " ".join(cmd[1:]), flush=True)
+        if not args.dry_run:
+            rc = subprocess.call(cmd, cwd=PROJECT_ROOT)
+            if rc != 0:
+                print(f"materialize failed (exit {rc}) at: {' '.join(cmd[3:])}", file=sys.stderr)
+                return rc
+    print(f"\nDone. Outputs under: {cfg.store}\nDagster instance (history, UI): {home}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

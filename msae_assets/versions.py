@@ -1,0 +1,22 @@
+"""Code versions: a stage revision plus a hash of exactly the config sections the stage reads.
+
+Dagster does not put run config into data versions, so a changed hyper-parameter or prompt must
+change the code version of its stage; everything downstream then becomes stale through data
+versions, and nothing upstream does.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from msae.config import config_hash
+
+# Bump a stage's revision when its code changes what it writes.
+STAGE_REVISIONS: dict[str, int] = {
+    "vqa_samples": 1,
+    "activations": 1,
+}
+
+
+def code_version(stage: str, *sections: BaseModel | dict | str | int | None) -> str:
+    return f"r{STAGE_REVISIONS[stage]}-{config_hash(*sections)}"
