@@ -36,7 +36,8 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         done = {layer: current_manifest(store, "activations", fp, str(layer)) for layer in wanted}
         if all(done.values()):
             context.log.info(f"activations {wanted}: up to date ({fp}), reusing")
-            manifests = [m for m in done.values() if m is not None]
+            manifests = [Manifest(m.stage, m.fingerprint, m.data_version, {**m.metadata, "reused": True})
+                         for m in done.values() if m is not None]
         else:
             manifests = _extract_all_layers(cfg, store, vlm, fp)
             manifests = [m for m in manifests if int(m.metadata["layer"]) in wanted]
@@ -62,7 +63,8 @@ def _extract_all_layers(cfg: MsaeConfig, store: Store, vlm: VLMResource, fp: str
     manifests = []
     for layer in cfg.layers:
         layer_meta = result.layer_summary(layer)
-        m = Manifest("activations", fp, f"{fp}-{layer_meta['rows']}", {**common, **layer_meta, "layer": layer})
+        meta = {**common, **layer_meta, "layer": layer}
+        m = Manifest("activations", fp, f"{fp}-{layer_meta['rows']}", meta)
         save_manifest(store, m, str(layer))
         manifests.append(m)
     return manifests
