@@ -128,6 +128,41 @@ class SAEConfig(_Section):
     batch_size: int = Field(1024, gt=0)
     train_on: Literal["image", "text", "both"] = "both"
     seed: int = 0
+    # --- training details (source: train); defaults follow Gao et al. 2024 / sparsify -----------
+    include_special: bool = Field(
+        False, description="train_on both: also train on special tokens (BOS, image markers, …)."
+    )
+    include_template: bool = Field(False, description="Also train on chat-template tokens (role 'template').")
+    auxk_coef: float = Field(
+        1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al.: 1/32; 0 turns it off)."
+    )
+    auxk_k: int | None = Field(None, gt=0, description="Dead latents AuxK uses per token; None: d_model / 2.")
+    dead_after_tokens: int | None = Field(
+        None, gt=0,
+        description="A latent silent for this many training tokens is dead (for AuxK); "
+        "None: token_budget / 10, at most 10M.",
+    )
+    lr_warmup_fraction: float = Field(0.05, ge=0, lt=1, description="Share of the steps spent warming up the LR.")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="LR after warm-up: linear or cosine decay to 0 at the end of the budget, or constant."
+    )
+    b_dec_init: Literal["geometric_median", "mean"] = Field(
+        "geometric_median", description="Initial pre-encoder bias, from a sample of training tokens."
+    )
+    init_sample_tokens: int = Field(
+        16384, gt=0, description="Tokens sampled to estimate the normalisation scale and the initial b_dec."
+    )
+    buffer_rows: int = Field(
+        65536, gt=0, description="Rows shuffled together in memory (whole zarr chunks are read)."
+    )
+    checkpoint_every: int = Field(1000, gt=0, description="Training steps between resumable checkpoints.")
+    eval_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Share of samples (not tokens) held out from training for evaluation."
+    )
+    eval_tokens: int = Field(100_000, gt=0, description="At most this many held-out tokens are evaluated.")
+    dense_threshold: float = Field(
+        0.1, gt=0, le=1, description="A latent firing on more than this share of held-out tokens is dense."
+    )
 
 
 class LatentsConfig(_Section):

@@ -126,7 +126,7 @@ def test_library_imports_without_dagster():
     code = (
         "import sys; sys.modules['dagster'] = None\n"
         "import msae.config, msae.store, msae.manifest, msae.world.shapes, msae.data.samples\n"
-        "import msae.vlm.build, msae.vlm.load, msae.extract.extractor\n"
+        "import msae.vlm.build, msae.vlm.load, msae.extract.extractor, msae.sae\n"
         "print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
