@@ -76,7 +76,7 @@ class VLMGeometry:
     patch_size: int = 8
     grid_pinpoints: tuple[tuple[int, int], ...] = ((64, 64),)
     vision_hidden: int = 64
-    vision_layers: int = 2
+    vision_layers: int = 3
     vision_heads: int = 4
     vision_feature_layer: int = -1
     text_hidden: int = 128
