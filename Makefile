@@ -35,6 +35,8 @@ ui: install
 ## Benchmarks (writes benchmarks/RESULTS.md sections).
 bench: install
 	$(PY) benchmarks/bench_extract.py
+	$(PY) benchmarks/bench_sae.py --write
+	$(PY) benchmarks/bench_planted.py --write
 
 clean-outputs:
 	rm -rf outputs .dagster/storage .dagster/history .dagster/schedules .dagster/logs

@@ -163,6 +163,24 @@ class SAEConfig(_Section):
     dense_threshold: float = Field(
         0.1, gt=0, le=1, description="A latent firing on more than this share of held-out tokens is dense."
     )
+    loss_samples: int = Field(
+        16, ge=0,
+        description="Held-out samples run through the VLM to measure the next-token loss recovered with the "
+        "SAE spliced in (clean / SAE / zero-ablated); 0 turns it off (the VLM is then not loaded).",
+    )
+    loss_tokens: Literal["text", "answer"] = Field(
+        "text",
+        description="Loss recovered: next-token loss over every text token (not image placeholders or padding), "
+        "or only the answer's tokens (for VLMs trained on answers only, like the embedded one).",
+    )
+    # --- asset checks (thresholds only: changing them re-checks but never retrains) -----------------
+    check_max_fvu: float = Field(
+        0.5, gt=0, description="Asset check `fvu`: held-out FVU (all tokens) must be at most this."
+    )
+    check_max_dead_fraction: float = Field(
+        0.5, ge=0, le=1,
+        description="Asset check `dead_fraction`: share of latents never firing on held-out tokens, at most this.",
+    )
 
 
 class LatentsConfig(_Section):

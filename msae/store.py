@@ -9,6 +9,8 @@ All stages address files through :class:`Store` so that a local run and a run wr
     <store>/tokens.parquet                      one row per activation row
     <store>/activations/layer=<L>.zarr          float16 [n_tokens, d_model]
     <store>/_progress/…                         extraction checkpoints
+    <store>/sae/layer=<L>/width=<W>/            one SAE (sparsify layout + msae.json + train_log.parquet,
+                                                training checkpoints under _checkpoints/)
 """
 
 from __future__ import annotations
@@ -105,3 +107,7 @@ class Store:
     @staticmethod
     def activations_name(layer: int) -> str:
         return f"activations/layer={layer}.zarr"
+
+    @staticmethod
+    def sae_name(layer: int, width: int) -> str:
+        return f"sae/layer={layer}/width={width}"

@@ -6,6 +6,7 @@ import dagster as dg
 
 from msae.config import MsaeConfig, load_config
 from msae_assets.activations import build_activations_asset
+from msae_assets.sae import build_sae_asset
 from msae_assets.samples import build_vqa_samples_asset
 from msae_resources.vlm import VLMResource
 
@@ -13,7 +14,7 @@ from msae_resources.vlm import VLMResource
 def build_definitions(cfg: MsaeConfig) -> dg.Definitions:
     """Every asset, partition and resource for one config; tests call this with their own."""
     return dg.Definitions(
-        assets=[build_vqa_samples_asset(cfg), build_activations_asset(cfg)],
+        assets=[build_vqa_samples_asset(cfg), build_activations_asset(cfg), build_sae_asset(cfg)],
         resources={"vlm": VLMResource.from_config(cfg.model)},
     )
 

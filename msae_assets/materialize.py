@@ -1,8 +1,10 @@
 """Materialize the whole pipeline with the Dagster CLI: one call per partition group, in graph order.
 
 `dagster asset materialize` needs every selected asset to share one partitions definition, so the
-unpartitioned assets go first, then each partitioned stage over its full key range in one run
-(its backfill policy is single-run). Used by `make demo` and `.ci/run`.
+unpartitioned assets go first, then each per-layer stage over its full key range in one run (its
+backfill policy is single-run), then the layer × width stage (`sae`) one `--partition "<layer>|<width>"`
+call per key, so that every key gets its own metadata and check results. Used by `make demo` and
+`.ci/run`.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ def materialize_commands(cfg: MsaeConfig) -> list[list[str]]:
     """The CLI calls, in graph order, that materialize every asset and partition."""
     base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", MODULE, "--select"]
     layer_range = f"{cfg.layers[0]}...{cfg.layers[-1]}"
+    # `sae` is multi-partitioned: a CLI range run would record one materialization (one metadata
+    # set) for every key of the range, so each layer|width key gets its own call.
     return [
         [*base, "vqa_samples"],
         [*base, "activations", "--partition-range", layer_range],
+        *([*base, "sae", "--partition", f"{layer}|{width}"] for layer in cfg.layers for width in cfg.widths),
     ]
 
 

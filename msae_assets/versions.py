@@ -15,6 +15,7 @@ from msae.config import config_hash
 STAGE_REVISIONS: dict[str, int] = {
     "vqa_samples": 1,
     "activations": 1,
+    "sae": 1,
 }
 
 

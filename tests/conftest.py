@@ -40,4 +40,7 @@ def tiny_config_data(tmp_path, tiny_vlm_dir) -> dict:
         "layers": [0, 2],
         "widths": [16],
         "extraction": {"chunk_samples": 4, "rows_per_zarr_chunk": 256},
+        # a few seconds of SAE training on ~1k tokens; two held-out samples for loss recovered
+        "sae": {"k": 4, "token_budget": 8192, "batch_size": 128, "lr": 0.01, "buffer_rows": 2048,
+                "init_sample_tokens": 1024, "eval_fraction": 0.25, "loss_samples": 2},
     }

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from msae.config import ExtractionConfig
 from msae.extract.hooks import capture_residual, find_decoder_layers
 from msae.extract.token_map import (
+    ANSWER,
     TOKEN_SCHEMA,
     ChatRenderer,
     ImageTokenMapper,
@@ -321,6 +322,35 @@ def _forward_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
     several times slower for LLaVA-NeXT's ~2–3k-token sequences. Pad rows are discarded.
     """
     return {k: v for k, v in inputs.items() if k != "attention_mask"}
+
+
+def prepare_batches(
+    samples: pl.DataFrame, vlm: LoadedVLM, cfg: ExtractionConfig, batch_size: int | None = None,
+    *, answer_mask: bool = False,
+) -> Iterator[dict[str, Any]]:
+    """Model inputs for ``samples`` built exactly as extraction builds them (same rendering,
+    processor call and truncation), as right-padded batches WITH ``attention_mask`` (marking the
+    real tokens); samples extraction would skip are left out. For evaluations that re-run the
+    model on extracted samples (e.g. the SAE's loss recovered).
+
+    ``answer_mask``: also a bool ``[batch, T]`` ``"answer_mask"`` of the answer's tokens (all False
+    where the processor gives no offsets); pop it before calling the model."""
+    prep = _Preparer(vlm, cfg, ImageTokenMapper(vlm.model))
+    pad_id = vlm.tokenizer.pad_token_id
+    pad_id = pad_id if pad_id is not None else 0
+    rows = list(samples.select([c for c in SAMPLE_COLUMNS if c in samples.columns]).iter_rows(named=True))
+    for batch in _batches(list(enumerate(rows)), batch_size or vlm.batch_size):
+        ok = [x for x in (prep(i, row) for i, row in batch) if isinstance(x, Prepared)]
+        if not ok:
+            continue
+        inputs = collate(ok, pad_id, vlm.dtype, vlm.device)
+        if answer_mask:
+            mask = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+            for i, p in enumerate(ok):
+                if p.tokens.roles is not None:
+                    mask[i, : len(p.tokens.roles)] = torch.from_numpy(p.tokens.roles == ANSWER)
+            inputs["answer_mask"] = mask
+        yield inputs
 
 
 _TORCH_STORE = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -666,5 +696,6 @@ __all__ = [
     "ExtractionResult",
     "extract_activations",
     "extraction_fingerprint",
+    "prepare_batches",
     "validate_layers",
 ]

@@ -208,7 +208,7 @@ def loss_recovered(model: nn.Module, inputs: Mapping[str, Any], layer: int, sae:
         return fn
 
     clean = _loss(model, inputs)
-    with replace_output(target, splice(lambda x: sae(x.to(sae.device)).reconstruction.to(x.device))):
+    with replace_output(target, splice(lambda x: sae(x.to(sae.device, sae.dtype)).reconstruction.to(x.device))):
         with_sae = _loss(model, inputs)
     with replace_output(target, splice(torch.zeros_like)):
         zero = _loss(model, inputs)

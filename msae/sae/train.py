@@ -102,7 +102,8 @@ def train_rows(tokens: pl.DataFrame, cfg: SAEConfig) -> np.ndarray:
 
 # --- checkpoints ----------------------------------------------------------------------------------
 # Settings that do not change the trained weights (a checkpoint stays valid when they change).
-_NOT_TRAINING = {"source", "pretrained", "hookpoint_template", "checkpoint_every", "eval_tokens", "dense_threshold"}
+_NOT_TRAINING = {"source", "pretrained", "hookpoint_template", "checkpoint_every", "eval_tokens", "dense_threshold",
+                 "loss_samples", "loss_tokens", "check_max_fvu", "check_max_dead_fraction"}
 
 
 def _fingerprint(cfg: SAEConfig, width: int, shape: tuple[int, ...], n_tokens: int) -> str:
