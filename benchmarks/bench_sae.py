@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_sae.py                 # planted d=512 set, prints markdown
     .venv/bin/python benchmarks/bench_sae.py --write         # also (re)writes "## SAE training" in RESULTS.md
     .venv/bin/python benchmarks/bench_sae.py --profile       # where our trainer's time goes
+    .venv/bin/python benchmarks/bench_sae.py --device cuda --rows 1000000 --budget 4000000   # GPU variant
 
 Same rows (our train split), same width, k, batch (tokens/step), token budget, AuxK weight, dead
 window, warm-up share and Adam lr; FVU is measured by one function (msae.sae.evaluate) on the same
@@ -42,9 +43,18 @@ from msae.sae.planted import feature_recovery, make_planted, write_zarr  # noqa:
 from msae.sae.train import train_rows, train_sae  # noqa: E402
 
 
+DEVICE = "cpu"  # set from --device in main()
+
+
+def _sync() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def run_ours(arr, tokens, cfg, width):
     t = time.perf_counter()
-    res = train_sae(arr, tokens, cfg, width, progress=False)
+    res = train_sae(arr, tokens, cfg, width, device=DEVICE, progress=False)
+    _sync()
     return res.model, time.perf_counter() - t, res
 
 
@@ -69,7 +79,7 @@ def run_sparsify(arr, tokens, cfg, width, optimizer: str, seq_len: int = 256):
         def forward(self, input_ids, **_):
             return self.embed(input_ids)
 
-    model = RowLookup(LookupConfig())
+    model = RowLookup(LookupConfig()).to(DEVICE)
     seqs_per_step = cfg.batch_size // seq_len
     steps = cfg.token_budget // cfg.batch_size
     order = []
@@ -88,6 +98,7 @@ def run_sparsify(arr, tokens, cfg, width, optimizer: str, seq_len: int = 256):
         trainer = Trainer(tcfg, dataset, model)
         t = time.perf_counter()
         trainer.fit()
+        _sync()
         elapsed = time.perf_counter() - t
         sae = load_sae(Path(tmp) / "bench" / "embed")
     return sae, elapsed
@@ -122,7 +133,7 @@ def bench(name, arr, tokens, cfg, width, truth=None, optimizers=("adam", "signum
              + ("mean max cos | " if truth is not None else "") + "ratio |",
              "|---|---|---|---|---|---|---|" + ("---|" if truth is not None else "") + "---|"]
     for label, sae, t in results:
-        ev = evaluate_sae(sae, arr, tokens, cfg=cfg)
+        ev = evaluate_sae(sae.to(DEVICE), arr, tokens, cfg=cfg, device=DEVICE)
         rec = f"{feature_recovery(sae.W_dec.detach(), truth).mean_max_cos:.3f} | " if truth is not None else ""
         lines.append(f"| {label} | {t:.1f} | {tokens_trained / t:,.0f} | {ev.fvu:.4f} | {ev.fvu_image:.4f} | "
                      f"{ev.fvu_text:.4f} | {ev.dead_fraction:.3f} | {rec}{t / t_ours:.2f} |")
@@ -154,7 +165,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU variant for a lent device)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -175,16 +189,18 @@ def main() -> None:
 
         earr = zarr.open_array(str(emb), mode="r")
         etok = pl.read_parquet(ROOT / "outputs/embedded/tokens.parquet")
-        ecfg = SAEConfig(k=8, token_budget=min(args.budget, 200_000), batch_size=args.batch, seed=0)
-        sections.append(bench("embedded layer 1 (default lr)", earr, etok, ecfg, 512, repeats=1))
+        # the embedded profile's SAE settings (k 8, width 512, explicit lr), the same for both trainers
+        ecfg = SAEConfig(k=8, token_budget=args.budget, batch_size=args.batch, seed=0, lr=args.lr or None)
+        sections.append(bench("embedded layer 1", earr, etok, ecfg, 512, repeats=args.repeats))
     else:
         sections.append("(embedded default activations absent: `outputs/embedded/activations/layer=1.zarr` "
                         "not extracted yet, so only the planted set is measured.)")
     total = time.perf_counter() - t0
-    threads = f" --threads {args.threads}" if args.threads != 1 else ""
+    threads = (f" --threads {args.threads}" if args.threads != 1 else "") + (
+        f" --device {args.device}" if args.device != "cpu" else "")
     header = (f"## SAE training\n\n`.venv/bin/python benchmarks/bench_sae.py{threads} --write` — {dt.date.today()}, "
               f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, torch {torch.__version__}, "
-              f"{args.threads} thread(s) (torch.set_num_threads), whole run {total:.0f} s. Both trainers: Adam, "
+              f"{args.threads} thread(s) (torch.set_num_threads), device {args.device}, whole run {total:.0f} s. Both trainers: Adam, "
               f"{cfg.lr_warmup_fraction:.0%} warm-up then linear decay to 0, AuxK 1/32, same rows in the same "
               "shuffled-stream spirit (ours from zarr, sparsify's from RAM); sparsify's default optimizer "
               "(schedule-free signSGD at its own width-scaled lr) as a third row. ratio = msae tokens/s ÷ "

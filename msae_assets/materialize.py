@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             if rc != 0:
                 print(f"materialize failed (exit {rc}) at: {' '.join(cmd[3:])}", file=sys.stderr)
                 return rc
+    if args.dry_run:
+        return 0
     print(f"\nDone. Outputs under: {cfg.store}\nDagster instance (history, UI): {home}")
     return 0
 
