@@ -2,9 +2,9 @@
 
 `dagster asset materialize` needs every selected asset to share one partitions definition, so the
 unpartitioned assets go first, then each per-layer stage over its full key range in one run (its
-backfill policy is single-run), then the layer × width stage (`sae`) one `--partition "<layer>|<width>"`
-call per key, so that every key gets its own metadata and check results. Used by `make demo` and
-`.ci/run`.
+backfill policy is single-run), then the layer × width stages (`sae` and what follows it) one
+`--partition "<layer>|<width>"` call per key, so that every key gets its own metadata and check
+results, then the unpartitioned `report`. Used by `make demo` and `.ci/run`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,26 @@ from pathlib import Path
 from msae.config import PROJECT_ROOT, MsaeConfig, load_config
 
 MODULE = "msae_assets.definitions"
+PER_SAE_STAGES = ("sae", "latent_stats", "concepts", "concept_scores")
+FINAL_STAGES = ("report",)
 
 
-def materialize_commands(cfg: MsaeConfig) -> list[list[str]]:
-    """The CLI calls, in graph order, that materialize every asset and partition."""
+def materialize_commands(cfg: MsaeConfig, stages: tuple[str, ...] | None = None) -> list[list[str]]:
+    """The CLI calls, in graph order, that materialize every asset and partition.
+
+    ``stages``: the asset names defined (default: every stage this project has)."""
+    stages = stages or (*PER_SAE_STAGES, *FINAL_STAGES)
     base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", MODULE, "--select"]
     layer_range = f"{cfg.layers[0]}...{cfg.layers[-1]}"
     # `sae` is multi-partitioned: a CLI range run would record one materialization (one metadata
     # set) for every key of the range, so each layer|width key gets its own call.
+    per_sae = ",".join(s for s in PER_SAE_STAGES if s in stages)
+    final = ",".join(s for s in FINAL_STAGES if s in stages)
     return [
         [*base, "vqa_samples"],
         [*base, "activations", "--partition-range", layer_range],
-        *([*base, "sae", "--partition", f"{layer}|{width}"] for layer in cfg.layers for width in cfg.widths),
+        *([*base, per_sae, "--partition", f"{layer}|{width}"] for layer in cfg.layers for width in cfg.widths),
+        *([[*base, final]] if final else []),
     ]
 
 
@@ -50,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config()
     home = ensure_dagster_home()
-    for cmd in materialize_commands(cfg):
+    from msae_assets.definitions import build_definitions
+
+    defined = tuple(a.key.to_user_string() for a in build_definitions(cfg).assets)
+    for cmd in materialize_commands(cfg, defined):
         print("+", " ".join(cmd[1:]), flush=True)
         if not args.dry_run:
             rc = subprocess.call(cmd, cwd=PROJECT_ROOT)

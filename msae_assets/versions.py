@@ -16,6 +16,10 @@ STAGE_REVISIONS: dict[str, int] = {
     "vqa_samples": 1,
     "activations": 1,
     "sae": 1,
+    "latent_stats": 1,
+    "concepts": 1,
+    "concept_scores": 1,
+    "report": 1,
 }
 
 

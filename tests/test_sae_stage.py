@@ -161,16 +161,21 @@ def test_materialize_commands_one_call_per_sae_key(tiny_config_data):
     from msae_assets.materialize import materialize_commands
 
     cmds = materialize_commands(parse_config({**tiny_config_data, "widths": [16, 32]}))
-    sae = [c[c.index("--select") + 1:] for c in cmds if "sae" in c]
-    assert sae == [["sae", "--partition", k] for k in ("0|16", "0|32", "2|16", "2|32")]
+    per_key = [c[c.index("--select") + 1:] for c in cmds if "--partition" in c]
+    stages = "sae,latent_stats,concepts,concept_scores"
+    assert per_key == [[stages, "--partition", k] for k in ("0|16", "0|32", "2|16", "2|32")]
     assert cmds[1][-2:] == ["--partition-range", "0...2"]
+    assert cmds[-1][-1] == "report"  # after every partition it summarises
+    only_sae = materialize_commands(parse_config(tiny_config_data), ("vqa_samples", "activations", "sae"))
+    assert [c[-1] for c in only_sae] == ["vqa_samples", "0...2", "0|16", "2|16"]
 
 
 def test_library_imports_without_dagster():
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['dagster'] = None; import msae.sae.stage, msae.extract.extractor; "
+    code = ("import sys; sys.modules['dagster'] = None; import msae.sae.stage, msae.extract.extractor, "
+            "msae.latents.stage, msae.explain.stage, msae.score.stage, msae.report.build, msae.embed.embedders; "
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -1,0 +1,170 @@
+"""The `concepts` stage as a plain function: evidence → explainer requests → proposals.parquet.
+
+Per explained latent and prompting mode (``masked``: only active patches shown, the method;
+``whole``: whole images, the baseline of earlier SAE methods) one visual and one textual concept.
+The textual prompt does not depend on how images are shown beyond marginal context, so it is asked
+once per latent (with the masked images) and shared by both modes' rows.
+Output ``<store>/concepts/layer=<L>/width=<W>/proposals.parquet`` (columns in ``PROPOSAL_SCHEMA``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from msae.config import ExplainerConfig, MsaeConfig
+from msae.explain.base import ExplainAnswer, ExplainExample, Explainer, ExplainRequest
+
+log = logging.getLogger(__name__)
+
+PROPOSALS = "proposals.parquet"
+PROPOSAL_SCHEMA = {
+    "latent": pl.Int32, "prompting": pl.Utf8,
+    "visual_concept": pl.Utf8, "textual_concept": pl.Utf8,
+    "visual_status": pl.Utf8, "textual_status": pl.Utf8,
+    "visual_raw": pl.Utf8, "textual_raw": pl.Utf8,
+    "explainer": pl.Utf8, "visual_prompt_version": pl.Utf8, "textual_prompt_version": pl.Utf8,
+}
+RUNTIME_ONLY = {"concurrency", "timeout_s", "max_retries", "backoff_s", "batch_size", "device", "api_key_env"}
+"""Explainer settings that change how answers are fetched, not what they are: left out of versions."""
+
+
+def concepts_folder(layer: int, width: int) -> str:
+    return f"concepts/layer={layer}/width={width}"
+
+
+def explainer_fingerprint(cfg: ExplainerConfig) -> dict[str, Any]:
+    """What the proposals depend on: settings that shape answers and the prompt templates' text."""
+    settings = cfg.model_dump(mode="json", exclude=RUNTIME_ONLY)
+    if cfg.backend == "dissection":
+        return settings
+    from msae.explain.prompts import load_templates
+
+    templates = load_templates(cfg.prompt_dir)
+    return {**settings, "prompt_dir": None,  # where the templates live does not matter, their text does
+            "templates": {"/".join(k): t.version for k, t in sorted(templates.items())}}
+
+
+def make_explainer(cfg: MsaeConfig, store: Any, layer: int, width: int) -> Explainer:
+    """The configured backend; API-backed ones get a per-partition answer cache."""
+    e = cfg.explainer
+    if e.backend == "dissection":
+        return dissection_from_store(e, store)
+    from msae.explain.cache import ExplanationCache
+
+    cache = ExplanationCache(store, f"{concepts_folder(layer, width)}/_cache")
+    if e.backend == "openai":
+        from msae.explain.openai_backend import OpenAIExplainer
+
+        return OpenAIExplainer(e, cache)
+    from msae.explain.transformers_backend import TransformersExplainer
+
+    return TransformersExplainer(e, cache, local_files_only=cfg.model.local_files_only)
+
+
+def dissection_from_store(cfg: ExplainerConfig, store: Any) -> Explainer:
+    from pathlib import PurePath
+
+    from msae.explain.dissection import AnnotationGrids, DissectionExplainer, word_shares
+    from msae.latents.render import display_tokens
+
+    if not store.exists("world", "annotations.parquet"):
+        raise ValueError("explainer.backend 'dissection' needs ground-truth patch annotations "
+                         "(<store>/world/annotations.parquet), which only the `shapes` dataset has: "
+                         "use explainer.backend 'openai' or 'transformers' for other datasets")
+    grids = AnnotationGrids.from_table(store.read_parquet("world", "annotations.parquet"))
+    samples = store.read_parquet(store.SAMPLES)
+    sample_image = {sid: PurePath(img).stem for sid, img in zip(samples["sample_id"], samples["image"])}
+    tokens = store.read_parquet(store.TOKENS).filter(
+        (pl.col("modality") == "text") & (pl.col("role").fill_null("") != "template"))
+    shares = word_shares(tokens, display_tokens(tokens["token"].to_list()))
+    return DissectionExplainer(cfg, grids, sample_image, shares)
+
+
+# --- requests ------------------------------------------------------------------------------------
+def _png(image: Any) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig) -> list[ExplainRequest]:
+    """Visual requests per prompting mode and one textual request per latent."""
+    from msae.data.images import load_image_rgb
+    from msae.latents.render import display_tokens, mark_peak, mask_inactive
+
+    requests = []
+    for latent, ev in sorted(evidence.items()):
+        images = ev.images[: cfg.examples]
+        loaded = [load_image_rgb(ex.image_path) for ex in images]
+        for prompting in cfg.prompting:
+            examples = tuple(
+                ExplainExample(ex.sample_id,
+                               _png(mask_inactive(img, ex.patch_activations) if prompting == "masked" else img),
+                               f"Question: {ex.question} Answer: {ex.answer}", ex.patch_activations)
+                for ex, img in zip(images, loaded))
+            if examples:
+                requests.append(ExplainRequest(latent, "visual", prompting, examples))
+        texts = ev.texts[: cfg.examples]
+        t_examples = tuple(
+            ExplainExample(t.sample_id, None, mark_peak(t.pieces, t.activations),
+                           peak_token=display_tokens(t.pieces)[t.peak].strip()) for t in texts)
+        if t_examples:
+            requests.append(ExplainRequest(latent, "textual", cfg.prompting[0], t_examples))
+    return requests
+
+
+def proposals_frame(latents: Sequence[int], answers: Sequence[ExplainAnswer], cfg: ExplainerConfig,
+                    explainer: Explainer) -> pl.DataFrame:
+    """One row per latent × prompting; missing evidence of a kind gives status 'no_examples'."""
+    visual = {(a.latent, a.prompting): a for a in answers if a.kind == "visual"}
+    textual = {a.latent: a for a in answers if a.kind == "textual"}
+    rows = []
+    for latent in latents:
+        t = textual.get(latent)
+        for prompting in cfg.prompting:
+            v = visual.get((latent, prompting))
+            rows.append({
+                "latent": latent, "prompting": prompting,
+                "visual_concept": v.concept if v else None, "textual_concept": t.concept if t else None,
+                "visual_status": v.status if v else "no_examples", "textual_status": t.status if t else "no_examples",
+                "visual_raw": v.raw if v else None, "textual_raw": t.raw if t else None,
+                "explainer": explainer.name,
+                "visual_prompt_version": explainer.version("visual", prompting),
+                "textual_prompt_version": explainer.version("textual", cfg.prompting[0]),
+            })
+    return pl.DataFrame(rows, schema=PROPOSAL_SCHEMA)
+
+
+def run_concepts(cfg: MsaeConfig, store: Any, layer: int, width: int) -> tuple[str, dict[str, Any]]:
+    """Propose concepts for every explained latent; returns (data version, metadata)."""
+    from msae.latents.evidence import load_evidence
+    from msae.latents.stage import STATS, latents_folder
+
+    stats = store.read_parquet(latents_folder(layer, width), STATS)
+    latents = stats.filter(pl.col("explained"))["latent"].to_list()
+    evidence = load_evidence(store, layer, width, latents)
+    explainer = make_explainer(cfg, store, layer, width)
+    requests = build_requests(evidence, cfg.explainer)
+    answers = explainer.explain(requests)
+    frame = proposals_frame(latents, answers, cfg.explainer, explainer)
+    folder = concepts_folder(layer, width)
+    store.write_parquet(frame, folder, PROPOSALS)
+    digest = hashlib.sha256(store.read_bytes(folder, PROPOSALS)).hexdigest()[:16]
+    status = frame.group_by("prompting", "visual_status").len().sort("prompting", "visual_status")
+    meta = {
+        "latents": len(latents), "requests": len(requests), "explainer": explainer.name,
+        "errors": sum(a.status == "error" for a in answers),
+        "proposals_path": store.url(folder, PROPOSALS),
+        **{f"visual_{r['prompting']}_{r['visual_status']}": r["len"] for r in status.iter_rows(named=True)},
+        **{f"textual_{k}": int(v) for k, v in zip(*np.unique(
+            frame.filter(pl.col("prompting") == cfg.explainer.prompting[0])["textual_status"].to_numpy(),
+            return_counts=True))},
+    }
+    return digest, meta

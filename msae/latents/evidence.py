@@ -1,0 +1,186 @@
+"""What cards, explainers and scorers need about each latent, loaded in one pass over the tables.
+
+``latent_stats`` writes per-latent statistics and top examples (see docs/formats.md); rendering
+also needs the samples' images, questions and answers and the token pieces of the text examples.
+Each parquet file is read once for all requested latents (columns and rows pruned by pyarrow, so a
+paper-size ``tokens.parquet`` is not loaded whole), never per latent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+
+from msae.store import Store
+
+
+def latents_dir(layer: int, width: int) -> str:
+    """The latent_stats partition folder, relative to the store root."""
+    return f"latents/layer={layer}/width={width}"
+
+
+@dataclass(frozen=True)
+class ImageExample:
+    """One top image of a latent with its base-grid activations."""
+
+    sample_id: str
+    sample_index: int
+    image_path: str
+    question: str
+    answer: str
+    patch_activations: np.ndarray = field(compare=False)
+    """[grid_rows, grid_cols] float32."""
+    score: float
+    active_count: int
+    mean_activation: float
+    max_activation: float
+
+
+@dataclass(frozen=True)
+class TextExample:
+    """One top text of a latent: every text token of the sample (template included) in position order."""
+
+    sample_id: str
+    sample_index: int
+    pieces: list[str]
+    activations: np.ndarray = field(compare=False)
+    """float32, aligned with pieces."""
+    peak: int
+    """Index into pieces of the peak token."""
+    question: str
+    answer: str
+    image_path: str
+
+
+@dataclass(frozen=True)
+class LatentEvidence:
+    latent: int
+    stats: dict[str, Any]
+    images: list[ImageExample]
+    texts: list[TextExample]
+
+
+def read_table(store: Store, name: str, columns: Sequence[str] | None = None,
+               filters: list[tuple[str, str, Any]] | None = None) -> pl.DataFrame:
+    """Read selected columns and rows of a parquet file in the store (pushdown through pyarrow)."""
+    with store.fs.open(store.path(name), "rb") as f:
+        table = pq.read_table(f, columns=list(columns) if columns is not None else None, filters=filters)
+    return pl.from_arrow(table)
+
+
+def resolve_image(store: Store, image: str | None) -> str:
+    """An absolute path or URL stays as it is; a relative one is relative to the store root."""
+    if not image:
+        return ""
+    if image.startswith("/") or "://" in image:
+        return image
+    return store.url(image)
+
+
+def _select_latents(store: Store, top_name: str, stats: pl.DataFrame,
+                    latents: Sequence[int] | None) -> list[int]:
+    """Requested latents, or every explained latent (every latent with top examples if no flag)."""
+    if latents is not None:
+        return [int(x) for x in latents]
+    if "explained" in stats.columns:
+        return [int(x) for x in stats.filter(pl.col("explained"))["latent"].to_list()]
+    if not store.exists(top_name):
+        return []
+    return sorted({int(x) for x in read_table(store, top_name, ["latent"])["latent"].to_list()})
+
+
+def _stats_rows(stats: pl.DataFrame, chosen: Sequence[int]) -> dict[int, dict[str, Any]]:
+    return {int(r["latent"]): r for r in stats.filter(pl.col("latent").is_in(list(chosen))).to_dicts()}
+
+
+def _text_tokens(store: Store, sample_indices: list[int]) -> dict[int, tuple[np.ndarray, list[str]]]:
+    """sample_index → (positions, pieces) of its text tokens, in position order."""
+    if not sample_indices:
+        return {}
+    tokens = read_table(store, Store.TOKENS, ["sample_index", "position", "token", "modality"],
+                        [("modality", "=", "text"), ("sample_index", "in", sample_indices)])
+    tokens = tokens.sort(["sample_index", "position"])
+    out: dict[int, tuple[np.ndarray, list[str]]] = {}
+    for (index,), group in tokens.group_by(["sample_index"], maintain_order=True):
+        out[int(index)] = (group["position"].to_numpy().astype(np.int64), group["token"].to_list())
+    return out
+
+
+def _align(positions: np.ndarray, row_positions: Sequence[int], row_acts: Sequence[float]) -> np.ndarray:
+    """Activations on the given token positions (0 where the row has none)."""
+    lookup = dict(zip((int(p) for p in row_positions), (float(a) for a in row_acts), strict=True))
+    return np.array([lookup.get(int(p), 0.0) for p in positions], dtype=np.float32)
+
+
+def _peak(positions: np.ndarray, acts: np.ndarray, peak_position: int | None) -> int:
+    """The ranked peak (peak_position honours template eligibility) else the first argmax."""
+    if peak_position is not None:
+        hits = np.flatnonzero(positions == peak_position)
+        if hits.size:
+            return int(hits[0])
+    return int(np.argmax(acts)) if acts.size else -1
+
+
+def _image_example(row: dict[str, Any], sample: dict[str, Any], image_path: str) -> ImageExample:
+    acts = np.asarray(row["patch_activations"], dtype=np.float32).reshape(row["grid_rows"], row["grid_cols"])
+    return ImageExample(
+        sample_id=row["sample_id"], sample_index=int(row["sample_index"]), image_path=image_path,
+        question=sample.get("question") or "", answer=sample.get("answer") or "", patch_activations=acts,
+        score=float(row["score"]), active_count=int(row["active_count"]),
+        mean_activation=float(row["mean_activation"]), max_activation=float(row["max_activation"]))
+
+
+def _text_example(row: dict[str, Any], sample: dict[str, Any], image_path: str,
+                  tokens: tuple[np.ndarray, list[str]] | None) -> TextExample:
+    if tokens is None:  # tokens.parquet lacks the sample: keep the row's positions, unknown pieces
+        positions = np.asarray(row["text_positions"] or [], dtype=np.int64)
+        pieces = ["?"] * len(positions)
+    else:
+        positions, pieces = tokens
+    acts = _align(positions, row["text_positions"] or [], row["text_activations"] or [])
+    return TextExample(
+        sample_id=row["sample_id"], sample_index=int(row["sample_index"]), pieces=list(pieces),
+        activations=acts, peak=_peak(positions, acts, row.get("peak_position")),
+        question=sample.get("question") or "", answer=sample.get("answer") or "", image_path=image_path)
+
+
+def load_evidence(store: Store, layer: int, width: int,
+                  latents: Sequence[int] | None = None) -> dict[int, LatentEvidence]:
+    """Evidence of the requested latents (default: every explained latent), keyed by latent id.
+
+    Examples are in rank order; a latent without top examples gets empty lists.
+    """
+    base = latents_dir(layer, width)
+    stats = store.read_parquet(base, "stats.parquet")
+    top_name = f"{base}/top_examples.parquet"
+    chosen = _select_latents(store, top_name, stats, latents)
+    stats_rows = _stats_rows(stats, chosen)
+    if not chosen or not store.exists(top_name):  # nothing explained: stats only, no examples
+        return {latent: LatentEvidence(latent, stats_rows.get(latent, {"latent": latent}), [], []) for latent in chosen}
+    top = read_table(store, top_name, None, [("latent", "in", chosen)])
+    top = top.filter(pl.col("latent").is_in(chosen)).sort(["latent", "modality", "rank"])
+
+    sample_ids = top["sample_id"].unique().to_list()
+    samples = read_table(store, Store.SAMPLES, ["sample_id", "image", "question", "answer"],
+                         [("sample_id", "in", sample_ids)] if sample_ids else None)
+    sample_rows = {r["sample_id"]: r for r in samples.to_dicts()}
+    text_indices = top.filter(pl.col("modality") == "text")["sample_index"].unique().to_list()
+    tokens = _text_tokens(store, [int(i) for i in text_indices])
+
+    images: dict[int, list[ImageExample]] = {latent: [] for latent in chosen}
+    texts: dict[int, list[TextExample]] = {latent: [] for latent in chosen}
+    for row in top.to_dicts():
+        sample = sample_rows.get(row["sample_id"], {})
+        image_path = resolve_image(store, sample.get("image"))
+        if row["modality"] == "image":
+            images[int(row["latent"])].append(_image_example(row, sample, image_path))
+        else:
+            texts[int(row["latent"])].append(
+                _text_example(row, sample, image_path, tokens.get(int(row["sample_index"]))))
+    return {latent: LatentEvidence(latent, stats_rows.get(latent, {"latent": latent}), images[latent], texts[latent])
+            for latent in chosen}

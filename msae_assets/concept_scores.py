@@ -1,0 +1,30 @@
+"""Asset `concept_scores` (layer × width): alignment scores, categories and modality labels per latent."""
+
+import dagster as dg
+
+from msae.config import MsaeConfig
+from msae.store import Store
+from msae_assets.per_sae import build_per_sae_asset
+from msae_assets.stage import markdown_table
+from msae_assets.versions import code_version
+
+
+def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:
+    census = [{"modality": k.removeprefix("census_"), "latents": v} for k, v in meta.items()
+              if k.startswith("census_")]
+    return {**meta, "census_md": markdown_table(census)}
+
+
+def build_concept_scores_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
+    from msae.score.stage import run_concept_scores
+
+    version = code_version("concept_scores", cfg.embedders, cfg.scores.model_dump(
+        mode="json", exclude={"ablation", "bootstrap"}), cfg.explainer.examples)
+    return build_per_sae_asset(
+        cfg, name="concept_scores", upstream=["concepts"], version=version,
+        compute=lambda store, layer, width, fp: run_concept_scores(cfg, store, layer, width),
+        description="CLIP/ALIGN visual quality on blurred top images, textual quality on peak windows, "
+        "embedding detection, categories and modality labels → <store>/concepts/layer=<L>/width=<W>/"
+        "concepts.parquet (+ ground_truth.parquet where annotations exist).",
+        group="concepts", kinds={"pytorch", "parquet"}, decorate=_decorate,
+    )

@@ -1,0 +1,45 @@
+"""The shape every layer × width stage after `sae` shares: one partition in, files out, a manifest."""
+
+from collections.abc import Callable
+from typing import Any
+
+import dagster as dg
+
+from msae.config import MsaeConfig
+from msae.manifest import upstream_version
+from msae.store import Store
+from msae_assets.partitions import layer_width_partitions
+from msae_assets.stage import run_stage, to_dagster_metadata
+
+Compute = Callable[[Store, int, int, str], tuple[str, dict[str, Any]]]
+"""(store, layer, width, fingerprint) -> (data version, metadata)."""
+
+
+def sae_partition(context: dg.AssetExecutionContext) -> tuple[int, int]:
+    keys = context.partition_key.keys_by_dimension
+    return int(keys["layer"]), int(keys["width"])
+
+
+def build_per_sae_asset(
+    cfg: MsaeConfig, *, name: str, upstream: list[str], version: str, compute: Compute, description: str,
+    group: str, kinds: set[str], decorate: Callable[[Store, int, int, dict], dict] | None = None,
+) -> dg.AssetsDefinition:
+    """An asset partitioned like `sae`, reading its upstream stages of the same partition."""
+
+    @dg.asset(name=name, code_version=version, partitions_def=layer_width_partitions(cfg), deps=upstream,
+              description=description, kinds=kinds, group_name=group)
+    def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        from msae.manifest import fingerprint
+
+        store = Store(cfg.store)
+        layer, width = sae_partition(context)
+        part = f"layer={layer}/width={width}"
+        inputs = {u: upstream_version(store, u, part) for u in upstream}
+        fp = fingerprint(version, inputs)
+        m = run_stage(context, store, name, version, inputs, lambda: compute(store, layer, width, fp), partition=part)
+        meta = dict(m.metadata)
+        if decorate is not None:
+            meta = decorate(store, layer, width, meta)
+        return dg.MaterializeResult(metadata=to_dagster_metadata(meta), data_version=dg.DataVersion(m.data_version))
+
+    return _asset
