@@ -37,6 +37,7 @@ bench: install
 	$(PY) benchmarks/bench_extract.py
 	$(PY) benchmarks/bench_sae.py --write
 	$(PY) benchmarks/bench_planted.py --write
+	$(PY) benchmarks/bench_latent_stats.py --write
 
 clean-outputs:
 	rm -rf outputs .dagster/storage .dagster/history .dagster/schedules .dagster/logs

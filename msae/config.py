@@ -16,7 +16,7 @@ import json
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -88,7 +88,17 @@ class ModelConfig(_Section):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    batch_size: int = Field(8, gt=0, description="Samples per forward pass.")
+    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        8,
+        description="Samples per forward pass, or auto: as many as the free GPU memory should hold (at most "
+        "auto_batch_max; 8 on CPU). Either way a CUDA out-of-memory halves the batch and retries it.",
+    )
+    auto_batch_max: int = Field(64, gt=0, description="batch_size auto: the largest batch tried.")
+    device_map: str | None = Field(
+        None,
+        description="A model too large for one GPU: 'auto', 'balanced' or 'sequential' spreads it over the "
+        "visible GPUs (accelerate); None keeps the whole model on `device`.",
+    )
     trust_remote_code: bool = Field(False, description="Only turn on for checkpoints you trust.")
     local_files_only: bool = Field(
         False, description="Never contact the hub (offline runs; the embedded model sets it)."
@@ -194,6 +204,19 @@ class LatentsConfig(_Section):
         description="active_patches: the paper's rule (most active base-grid patches, then mean).",
     )
     seed: int = 0
+    batch_samples: int = Field(64, gt=0, description="Samples encoded per step of the streaming pass.")
+    text_include_template: bool = Field(
+        False, description="Let chat-template tokens count as a sample's peak text token (they are always shown)."
+    )
+    cards: int | None = Field(
+        None, ge=0, description="Latent cards (PNG) to draw per layer × width; None: one per explained latent."
+    )
+
+    @model_validator(mode="after")
+    def _n_needed(self) -> "LatentsConfig":
+        if self.select in ("first", "sample") and self.n is None:
+            raise ValueError(f"latents.select is {self.select!r}: set latents.n (how many latents)")
+        return self
 
 
 class ExplainerConfig(_Section):
@@ -201,18 +224,127 @@ class ExplainerConfig(_Section):
 
     backend: Literal["dissection", "openai", "transformers"] = "dissection"
     model: str | None = Field(None, description="openai/transformers: model name or id.")
-    base_url: str | None = Field(None, description="openai: server URL.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="openai: env var holding the key.")
+    base_url: str | None = Field(None, description="openai: server URL, e.g. http://localhost:8000/v1.")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai: name of the env var holding the key (the key is never stored)."
+    )
     max_concept_chars: int = Field(40, gt=0, description="Longer concepts are dropped.")
+    prompting: list[Literal["masked", "whole"]] = Field(
+        default_factory=lambda: ["masked", "whole"],
+        description="masked: only active patches shown (the method); whole: whole images (the baseline).",
+    )
+    examples: int = Field(5, gt=0, description="Top examples shown per prompt.")
+    prompt_dir: str | None = Field(
+        None, description="Folder with prompt templates overriding the built-in ones (same file names)."
+    )
+    concurrency: int = Field(4, gt=0, description="openai: requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout.")
+    max_retries: int = Field(4, ge=0, description="openai: retries on timeouts, 429 and 5xx (exponential back-off).")
+    backoff_s: float = Field(1.0, ge=0, description="openai: first back-off delay; doubles per retry.")
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(128, gt=0, description="openai/transformers: answer length cap.")
+    device: str = Field("auto", description="transformers: auto, cpu, cuda, …")
+    batch_size: int = Field(4, gt=0, description="transformers: prompts per generate() call.")
+    min_iou: float = Field(
+        0.2, ge=0, le=1, description="dissection: below this best IoU the answer is 'No visual concept'."
+    )
+    min_enrichment: float = Field(
+        2.0, ge=1, description="dissection: below this peak-word enrichment the answer is 'No textual concept'."
+    )
 
 
 class EmbeddersConfig(_Section):
-    """Image–text and text–text embedders used to score concepts."""
+    """Image–text and text–text embedders used to score concepts (the `concept_scores` stage)."""
 
     image_text: list[str] = Field(default_factory=list, description="CLIP/ALIGN ids or local folders.")
-    text: str | None = Field(None, description="Sentence embedder id or folder.")
+    text: str | None = Field(None, description="Sentence embedder id or folder; None: the first image_text model's "
+                             "text tower.")
     blur_radius: float = Field(5.0, ge=0)
     text_window: int = Field(5, ge=0, description="Tokens each side of the peak for textual scoring.")
+    device: str = Field("auto", description="auto, cpu, cuda, …")
+    batch_size: int = Field(64, gt=0)
+
+
+class CheckpointsConfig(_Section):
+    """Where new checkpoints of the VLM appear; `checkpoint_sensor` re-runs the pipeline on each one.
+
+    The checkpoint is kept out of the partition key (design guide): it is the observable source
+    asset `vlm_checkpoint`, whose data version is the checkpoint's revision or content stamp.
+    """
+
+    watch: Literal["folder", "hf_repo"] = Field(
+        description="folder: a local folder whose subfolders (or itself) are save_pretrained checkpoints; "
+        "hf_repo: a Hugging Face model repo whose branch `revision` is followed."
+    )
+    location: str = Field(description="folder: an absolute path; hf_repo: a hub repo id (owner/name).")
+    revision: str = Field("main", description="hf_repo: the branch or tag to follow.")
+    pattern: str = Field("*", description="folder: glob of checkpoint subfolder names, e.g. 'checkpoint-*'.")
+    order: Literal["name", "mtime"] = Field(
+        "name",
+        description="folder: newest = last in natural name order (checkpoint-900 < checkpoint-1000) or the "
+        "most recently modified.",
+    )
+    settle_s: float = Field(
+        60.0, ge=0,
+        description="folder: a checkpoint counts only once none of its files changed for this long "
+        "(a trainer may still be writing it).",
+    )
+    interval_s: int = Field(300, ge=1, description="Seconds between two looks of the sensor.")
+    cron: str | None = Field(
+        None,
+        description="Schedule option: look only at these cron times (5 fields, e.g. '0 3 * * *' for 03:00 daily) "
+        "instead of every interval_s.",
+    )
+    timezone: str = Field("UTC", description="Time zone of `cron`.")
+    enabled: bool = Field(
+        False,
+        description="Start the sensor switched on; otherwise turn it on in the UI (Automation) or with "
+        "`dagster sensor start checkpoint_sensor`.",
+    )
+
+    @model_validator(mode="after")
+    def _location(self) -> "CheckpointsConfig":
+        if self.watch == "folder":
+            expanded = os.path.expanduser(self.location)
+            if not os.path.isabs(expanded):
+                raise ValueError(
+                    f"checkpoints.location {self.location!r} must be an absolute folder path when watch is 'folder'"
+                )
+            object.__setattr__(self, "location", expanded)
+        elif "/" not in self.location or self.location.startswith(("/", ".")):
+            raise ValueError(f"checkpoints.location {self.location!r}: watch 'hf_repo' needs a hub repo id, owner/name")
+        if self.cron is not None and len(self.cron.split()) != 5:
+            raise ValueError(f"checkpoints.cron {self.cron!r}: write 5 cron fields, e.g. '0 3 * * *'")
+        return self
+
+
+class ScoresConfig(_Section):
+    """How concepts are scored and latents labelled (the `concept_scores` and `report` stages)."""
+
+    visual_threshold: float = Field(
+        0.5, ge=0, le=1, description="A visual concept is aligned when its visual score (the softmax "
+        "probability of the latent's own concept, mean over its top images) is at least this.")
+    textual_threshold: float = Field(
+        0.5, ge=-1, le=1, description="A textual concept is aligned when its textual score (mean cosine with "
+        "the peak windows) is at least this.")
+    agreement: float = Field(
+        0.8, ge=-1, le=1, description="Visual and textual concepts agree (-> multimodal) when equal, one contains "
+        "the other's words, or their text embeddings have at least this cosine.")
+    ablation: list[float] = Field(
+        default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+        description="Thresholds swept in the report (both thresholds set to each value).")
+    gt_auroc: float = Field(0.9, gt=0.5, le=1, description="Ground truth: AUROC a latent must reach to be grounded.")
+    bootstrap: int = Field(1000, gt=0, description="Bootstrap resamples for confidence intervals.")
+    seed: int = 0
+    detection_negatives: int = Field(
+        10, ge=1, description="Embedding detection: non-activating examples per latent (other latents' top ones).")
+    judge: Literal["none", "openai"] = Field(
+        "none", description="LLM-judged detection and fuzzing (Delphi-style) through an OpenAI-compatible "
+        "server: none (offline default) or openai (uses judge_model / judge_base_url, else the explainer's).")
+    judge_model: str | None = Field(None, description="judge: model name; None: explainer.model.")
+    judge_base_url: str | None = Field(None, description="judge: server URL; None: explainer.base_url.")
+    judge_examples: int = Field(
+        10, ge=2, description="judge: examples per prompt (half activating across quantiles, half not).")
 
 
 class MsaeConfig(_Section):
@@ -228,6 +360,10 @@ class MsaeConfig(_Section):
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
     explainer: ExplainerConfig = Field(default_factory=ExplainerConfig)
     embedders: EmbeddersConfig = Field(default_factory=EmbeddersConfig)
+    scores: ScoresConfig = Field(default_factory=ScoresConfig)
+    checkpoints: CheckpointsConfig | None = Field(
+        None, description="Watch for new VLM checkpoints and re-run on each (see docs/paper_scale.md); None: off."
+    )
 
     @field_validator("layers")
     @classmethod

@@ -2,27 +2,44 @@
 
 All configured layers are captured in one forward pass, so materializing any layer partition
 fills every layer's array; the other partitions then find their manifests and return at once.
+
+When the config watches for checkpoints, the checkpoint the VLM resource loads for this run (the
+sensor's pinned one, else the newest) is one of the stage's inputs — its version joins the
+fingerprint, so a new checkpoint is never mistaken for the one the stored activations came
+from — and is recorded in the metadata (``checkpoint``, ``checkpoint_version``, …). The batch
+settings are left out of the code version: they change speed and memory, not the activations.
 """
 
 import dagster as dg
 
-from msae.config import MsaeConfig
+from msae.config import ModelConfig, MsaeConfig
 from msae.manifest import Manifest, current_manifest, fingerprint, save_manifest, upstream_version
 from msae.store import Store
+from msae_assets.checkpoints import CHECKPOINT_ASSET
 from msae_assets.partitions import layer_partitions
 from msae_assets.stage import markdown_table, to_dagster_metadata
 from msae_assets.versions import code_version
 from msae_resources.vlm import VLMResource
 
+# ModelConfig fields that change how fast and in how much memory extraction runs, never its output.
+BATCH_FIELDS = {"batch_size", "auto_batch_max", "device_map"}
+
+
+def activations_code_version(cfg: MsaeConfig) -> str:
+    model: ModelConfig = cfg.model
+    return code_version("activations", model.model_dump(mode="json", exclude=BATCH_FIELDS), cfg.extraction, cfg.layers)
+
+
 def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
-    version = code_version("activations", cfg.model, cfg.extraction, cfg.layers)
+    version = activations_code_version(cfg)
+    deps = ["vqa_samples", *([CHECKPOINT_ASSET] if cfg.checkpoints is not None else [])]
 
     @dg.asset(
         name="activations",
         code_version=version,
         partitions_def=layer_partitions(cfg),
         backfill_policy=dg.BackfillPolicy.single_run(),
-        deps=["vqa_samples"],
+        deps=deps,
         description="Residual stream of each decoder layer → <store>/activations/layer=<L>.zarr "
         "and one token table <store>/tokens.parquet (row i describes row i of every layer).",
         kinds={"pytorch", "zarr"},
@@ -31,7 +48,11 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     )
     def activations(context: dg.AssetExecutionContext, vlm: VLMResource) -> dg.MaterializeResult:
         store = Store(cfg.store)
-        fp = fingerprint(version, {"vqa_samples": upstream_version(store, "vqa_samples")})
+        ckpt = vlm.checkpoint()
+        inputs = {"vqa_samples": upstream_version(store, "vqa_samples")}
+        if ckpt is not None:
+            inputs[CHECKPOINT_ASSET] = ckpt.version
+        fp = fingerprint(version, inputs)
         wanted = [int(k) for k in context.partition_keys]
         done = {layer: current_manifest(store, "activations", fp, str(layer)) for layer in wanted}
         if all(done.values()):
@@ -39,7 +60,7 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
             manifests = [Manifest(m.stage, m.fingerprint, m.data_version, {**m.metadata, "reused": True})
                          for m in done.values() if m is not None]
         else:
-            manifests = _extract_all_layers(cfg, store, vlm, fp)
+            manifests = _extract_all_layers(cfg, store, vlm, fp, ckpt.metadata() if ckpt is not None else {})
             manifests = [m for m in manifests if int(m.metadata["layer"]) in wanted]
         meta = manifests[0].metadata if len(manifests) == 1 else {
             "layers_md": markdown_table([{k: m.metadata[k] for k in ("layer", "rows", "path")} for m in manifests])
@@ -52,14 +73,15 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
 
     return activations
 
-def _extract_all_layers(cfg: MsaeConfig, store: Store, vlm: VLMResource, fp: str) -> list[Manifest]:
-    """One forward pass for every configured layer; a manifest per layer."""
+def _extract_all_layers(cfg: MsaeConfig, store: Store, vlm: VLMResource, fp: str,
+                        checkpoint_meta: dict) -> list[Manifest]:
+    """One forward pass for every configured layer; a manifest per layer (with the checkpoint used)."""
     from msae.data.samples import read_samples
     from msae.extract.extractor import extract_activations
 
     with vlm.load() as loaded:
         result = extract_activations(read_samples(store), loaded, cfg.layers, store, cfg.extraction)
-    common = result.summary()
+    common = {**result.summary(), **checkpoint_meta}
     manifests = []
     for layer in cfg.layers:
         layer_meta = result.layer_summary(layer)

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from msae.config import PROJECT_ROOT
+
 torch.set_num_threads(1)
 
 
@@ -43,4 +45,8 @@ def tiny_config_data(tmp_path, tiny_vlm_dir) -> dict:
         # a few seconds of SAE training on ~1k tokens; two held-out samples for loss recovered
         "sae": {"k": 4, "token_budget": 8192, "batch_size": 128, "lr": 0.01, "buffer_rows": 2048,
                 "init_sample_tokens": 1024, "eval_fraction": 0.25, "loss_samples": 2},
+        "latents": {"cards": 4},
+        # the small CLIP trained on the shapes world, committed in data/ (no download)
+        "embedders": {"image_text": [str(PROJECT_ROOT / "data" / "shapes-clip")], "device": "cpu"},
+        "scores": {"bootstrap": 200},
     }

@@ -68,7 +68,7 @@ def _materialize_all(defs: dg.Definitions, cfg, instance) -> None:
 
 
 @pytest.mark.slow
-def test_explainer_change_makes_concepts_and_descendants_stale(tiny_config_data):
+def test_explainer_change_makes_concepts_then_its_readers_stale(tiny_config_data):
     cfg = parse_config(tiny_config_data)
     defs = build_definitions(cfg)
     store = Store(cfg.store)
@@ -90,22 +90,40 @@ def test_explainer_change_makes_concepts_and_descendants_stale(tiny_config_data)
         assert set(scored["modality"]) <= {"visual", "textual", "multimodal", "mixed", "none"}
         assert scored.filter(pl.col("visual_concept").is_not_null())["visual_score"].null_count() == 0
 
-        changed = build_definitions(parse_config({**tiny_config_data, "explainer": {"min_iou": 0.05}}))
-        resolver = CachingStaleStatusResolver(instance, changed.resolve_asset_graph(),
-                                              loading_context=LoadingContextForTest(instance))
+        # an explainer setting changes: `concepts` is stale by its code version, nothing upstream is
+        changed_cfg = {**tiny_config_data, "explainer": {"min_iou": 1.0, "min_enrichment": 1000}}
+        changed = build_definitions(parse_config(changed_cfg))
         part = f"{cfg.layers[0]}|{cfg.widths[0]}"
-        status = {
-            "vqa_samples": resolver.get_status(dg.AssetKey("vqa_samples")),
-            "activations": resolver.get_status(dg.AssetKey("activations"), str(cfg.layers[0])),
-            **{n: resolver.get_status(dg.AssetKey(n), part) for n in ("sae", "latent_stats", "concepts",
-                                                                      "concept_scores")},
-            "report": resolver.get_status(dg.AssetKey("report")),
-        }
-        assert {n: status[n] for n in UPSTREAM} == dict.fromkeys(UPSTREAM, StaleStatus.FRESH)
-        assert {n: status[n] for n in DOWNSTREAM} == dict.fromkeys(DOWNSTREAM, StaleStatus.STALE)
 
-        # and the manifests agree: a rerun under the old config recomputes nothing
-        again = _assets(defs)
-        r = dg.materialize([again["concepts"]], instance=instance, resources=defs.resources, partition_key=part,
+        def status() -> dict[str, StaleStatus]:
+            resolver = CachingStaleStatusResolver(instance, changed.resolve_asset_graph(),
+                                                  loading_context=LoadingContextForTest(instance))
+            return {
+                "vqa_samples": resolver.get_status(dg.AssetKey("vqa_samples")),
+                "activations": resolver.get_status(dg.AssetKey("activations"), str(cfg.layers[0])),
+                **{n: resolver.get_status(dg.AssetKey(n), part) for n in ("sae", "latent_stats", "concepts",
+                                                                          "concept_scores")},
+                "report": resolver.get_status(dg.AssetKey("report")),
+            }
+
+        now = status()
+        assert {n: now[n] for n in UPSTREAM} == dict.fromkeys(UPSTREAM, StaleStatus.FRESH)
+        assert now["concepts"] == StaleStatus.STALE
+        # rerunning it gives new proposals (a new data version), which makes what reads them stale in turn
+        new = _assets(changed)
+        r = dg.materialize([new["concepts"]], instance=instance, resources=changed.resources, partition_key=part,
                            selection=["concepts"])
-        assert r.asset_materializations_for_node("concepts")[-1].metadata["reused"].value is True
+        assert r.success and store.read_parquet(f"concepts/{key}", "proposals.parquet")["visual_concept"].null_count() \
+            > proposals["visual_concept"].null_count()
+        now = status()
+        assert {n: now[n] for n in (*UPSTREAM, "concepts")} == dict.fromkeys((*UPSTREAM, "concepts"), StaleStatus.FRESH)
+        assert now["concept_scores"] == StaleStatus.STALE
+        r = dg.materialize([new["concept_scores"]], instance=instance, resources=changed.resources,
+                           partition_key=part, selection=["concept_scores"])
+        assert r.success and status()["report"] == StaleStatus.STALE
+
+        # the manifests agree: a rerun of the other partition (unchanged inputs) recomputes nothing
+        other = f"{cfg.layers[1]}|{cfg.widths[0]}"
+        r = dg.materialize([new["latent_stats"]], instance=instance, resources=changed.resources,
+                           partition_key=other, selection=["latent_stats"])
+        assert r.asset_materializations_for_node("latent_stats")[-1].metadata["reused"].value is True

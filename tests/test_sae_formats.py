@@ -170,3 +170,18 @@ def test_save_and_load_through_an_fsspec_url():
     _assert_same_tensors(sae, back)
     assert back.threshold == 0.5
     assert read_metadata("memory://msae-test/saes/layer=1/width=48")["activation_scale"] == 2.0
+
+
+def test_saelens_v6_rescale_flag_with_unit_decoder_loads_else_refuses(tmp_path):
+    """SAELens v6 saves TopK SAEs with unit-norm decoder rows and the rescale flag still set."""
+    cfg = {"architecture": "topk", "k": 6, "apply_b_dec_to_input": True, "rescale_acts_by_decoder_norm": True}
+    t = _saelens_folder(tmp_path / "unit", cfg)
+    from safetensors.torch import save_file
+
+    unit = {**t, "W_dec": t["W_dec"] / t["W_dec"].norm(dim=1, keepdim=True)}
+    save_file({k: v.contiguous() for k, v in unit.items()}, str(tmp_path / "unit" / "sae_weights.safetensors"))
+    sae = load_sae(tmp_path / "unit")
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(sae.num_latents), atol=1e-5)
+    _saelens_folder(tmp_path / "scaled", cfg)  # random decoder norms: the rescale would matter
+    with pytest.raises(SAEFormatError, match="rescale_acts_by_decoder_norm"):
+        load_sae(tmp_path / "scaled")

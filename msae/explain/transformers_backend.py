@@ -93,7 +93,6 @@ class TransformersExplainer:
         self.model = AutoModelForImageTextToText.from_pretrained(self.cfg.model, dtype=dtype, **common)
         self.model.to(device).eval()
         self.device = device
-        torch.set_grad_enabled(False)
         log.info("loaded explainer %s on %s (%s)", self.cfg.model, device, dtype)
 
     def _generate(self, batch: Sequence[ExplainRequest]) -> list[str]:

@@ -5,6 +5,12 @@ deepest layer). Rows are all non-pad tokens of every extracted sample in sample 
 position order; ``tokens.parquet`` row i describes row i of every layer's array. Work is done in
 resumable chunks of ``chunk_samples`` samples (see :mod:`msae.extract.writer` for the commit
 protocol); a fingerprint of model, layers, extraction config and samples guards the progress.
+
+Batch size: ``model.batch_size`` samples per forward, or ``auto`` (an estimate from the free GPU
+memory, :func:`auto_batch_size`). A CUDA out-of-memory error does not fail the run: the batch is
+halved and the same samples are run again, and the smaller size is kept for the rest of the run.
+Rows are committed only after a successful forward, so the output is the same as without the
+error, and the resumable chunks are untouched (a chunk is committed only once all its samples are).
 """
 
 from __future__ import annotations
@@ -88,6 +94,8 @@ class ExtractionResult:
     tokens_path: str
     activations_paths: dict[int, str] = field(default_factory=dict)
     skip_examples: dict[str, list[str]] = field(default_factory=dict)
+    batch_size: int = 0  # samples per forward at the end of this call (after any halving); 0 when reused
+    oom_halvings: int = 0  # times this call halved the batch on CUDA out-of-memory
 
     def summary(self) -> dict[str, Any]:
         """Plain metadata shared by every layer (for manifests / Dagster)."""
@@ -110,6 +118,8 @@ class ExtractionResult:
             "fp16_clamped": self.fp16_clamped,
             "extraction_fingerprint": self.fingerprint,
             "tokens_path": self.tokens_path,
+            "batch_size": self.batch_size,
+            "oom_halvings": self.oom_halvings,
         }
 
     def layer_summary(self, layer: int) -> dict[str, Any]:
@@ -339,7 +349,7 @@ def prepare_batches(
     pad_id = vlm.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else 0
     rows = list(samples.select([c for c in SAMPLE_COLUMNS if c in samples.columns]).iter_rows(named=True))
-    for batch in _batches(list(enumerate(rows)), batch_size or vlm.batch_size):
+    for batch in _batches(list(enumerate(rows)), resolve_batch_size(vlm, [], batch_size)):
         ok = [x for x in (prep(i, row) for i, row in batch) if isinstance(x, Prepared)]
         if not ok:
             continue
@@ -368,6 +378,82 @@ def _to_store(h: torch.Tensor, store_dtype: str) -> tuple[np.ndarray, int]:
         h = h.view(torch.int16)
     arr = h.cpu().numpy()
     return (arr.view(np.uint16) if store_dtype == "bfloat16" else arr), clamped
+
+
+# --- batch size and out-of-memory back-off ---------------------------------------------------------
+
+AUTO_CPU_BATCH = 8
+# LLaVA-NeXT's anyres view of a large image: 5 crops × 576 patches plus newlines and text ≈ 2.9k tokens.
+AUTO_TOKENS_PER_SAMPLE = 2_900
+AUTO_MEMORY_SHARE = 0.6  # of the free memory: the rest is headroom for fragmentation and the vision tower
+
+
+def auto_batch_size(vlm: LoadedVLM, layers: list[int], max_batch: int = 64) -> int:
+    """Samples per forward the free GPU memory should hold (``max_batch`` at most; 8 on CPU).
+
+    An estimate, not a promise — the out-of-memory back-off corrects it. Per token, a decoder
+    layer's forward holds about the residual stream and attention projections (6·d) and the MLP's
+    gate/up/activation (3·intermediate) at once; each captured layer keeps one more residual row
+    (d); eager attention adds its [heads × T] score row (SDPA's fused kernels do not). The forward
+    stops after the deepest requested layer, so the LM head's logits never exist.
+    """
+    if vlm.device.type != "cuda":
+        return max(1, min(AUTO_CPU_BATCH, max_batch))
+    free, _total = torch.cuda.mem_get_info(vlm.device)
+    cfg = getattr(vlm.model.config, "text_config", vlm.model.config)
+    d = int(cfg.hidden_size)
+    inter = int(getattr(cfg, "intermediate_size", None) or 4 * d)
+    elem = torch.finfo(vlm.dtype).bits // 8
+    per_token = 6 * d + 3 * inter + len(layers) * d
+    if getattr(cfg, "_attn_implementation", None) == "eager":
+        per_token += int(cfg.num_attention_heads) * AUTO_TOKENS_PER_SAMPLE
+    per_sample = elem * per_token * AUTO_TOKENS_PER_SAMPLE
+    return max(1, min(max_batch, int(free * AUTO_MEMORY_SHARE // per_sample)))
+
+
+def resolve_batch_size(vlm: LoadedVLM, layers: list[int], requested: int | str | None = None) -> int:
+    """``requested``, else the model config's ``batch_size``; ``auto`` becomes :func:`auto_batch_size`."""
+    size = requested or vlm.batch_size
+    if size == "auto":
+        max_batch = vlm.config.auto_batch_max if vlm.config is not None else 64
+        size = auto_batch_size(vlm, layers, max_batch)
+        logger.info("batch_size auto: %d samples per forward", size)
+    return int(size)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory, whichever way torch reports it (typed error, or cuBLAS/cuDNN alloc failure)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text)
+
+
+def free_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _forward_rows(
+    model: torch.nn.Module, batch: list[Prepared], layers: list[int], pad_id: int, vlm: LoadedVLM, store_dtype: str
+) -> tuple[dict[int, np.ndarray], int]:
+    """One forward over ``batch`` → each layer's real-token rows in the store dtype, and the clamped count.
+
+    Nothing is written here, so an out-of-memory error leaves no partial rows behind."""
+    inputs = collate(batch, pad_id, vlm.dtype, vlm.device)
+    clamped = 0
+    with torch.inference_mode():
+        outs = capture_residual(model, layers).run(model, **_forward_inputs(inputs), use_cache=False)
+        mask = inputs["attention_mask"].bool()
+        rows: dict[int, np.ndarray] = {}
+        for layer in layers:
+            rows[layer], k = _to_store(outs[layer][mask], store_dtype)
+            clamped += k
+        del outs
+    return rows, clamped
 
 
 # --- the extraction -----------------------------------------------------------------------------------
@@ -422,7 +508,7 @@ def _totals(progress: dict[str, Any]) -> dict[str, Any]:
 
 def _result(
     store: Store, progress: dict[str, Any], layers: list[int], n_samples: int, wall: float, new_tokens: int,
-    reused: bool, resumed: int,
+    reused: bool, resumed: int, batch_size: int = 0, oom_halvings: int = 0,
 ) -> ExtractionResult:
     t = _totals(progress)
     by_layer = {}
@@ -454,6 +540,8 @@ def _result(
         tokens_path=store.url(store.TOKENS),
         activations_paths={layer: store.url(store.activations_name(layer)) for layer in layers},
         skip_examples=t["examples"],
+        batch_size=batch_size,
+        oom_halvings=oom_halvings,
     )
 
 
@@ -504,7 +592,7 @@ def extract_activations(
     missing = [c for c in ("sample_id", "question", "answer") if c not in samples.columns]
     if missing:
         raise ValueError(f"samples table lacks columns {missing}")
-    batch_size = batch_size or vlm.batch_size
+    batch_size = resolve_batch_size(vlm, layers, batch_size)
     n = samples.height
     n_chunks = max(1, math.ceil(n / cfg.chunk_samples))
     d_model = _d_model(vlm.model)
@@ -569,6 +657,7 @@ def extract_activations(
 
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="msae-prep")
     chunk = _ChunkAcc(writer.n_rows)
+    size, halvings = batch_size, 0  # samples per forward now; lowered on out-of-memory
     try:
         # images are loaded and processed one batch ahead, across chunk boundaries
         for (c, _batch, last), items in zip(work, _prefetched(pool, prepare, [w[1] for w in work])):
@@ -576,25 +665,38 @@ def extract_activations(
             for x in items:
                 if isinstance(x, Skipped):
                     chunk.skip(x)
-            if ok:
-                inputs = collate(ok, pad_id, vlm.dtype, vlm.device)
-                with torch.inference_mode():
-                    outs = capture_residual(model, layers).run(model, **_forward_inputs(inputs), use_cache=False)
-                    mask = inputs["attention_mask"].bool()
-                    rows: dict[int, np.ndarray] = {}
-                    for layer in layers:
-                        rows[layer], k = _to_store(outs[layer][mask], cfg.store_dtype)
-                        chunk.clamped += k
-                    del outs
-                writer.append(rows)
-                table = build_token_table([p.tokens for p in ok], vlm.tokenizer, prep.image_token_id, prep.special_ids)
-                if table.height != rows[layers[0]].shape[0]:
-                    raise TokenMapError(
-                        f"token table has {table.height} rows but the batch produced "
-                        f"{rows[layers[0]].shape[0]} activation rows"
-                    )
-                chunk.parts.append(table)
-                new_tokens += table.height
+            start = 0
+            while start < len(ok):  # the prepared batch in forwards of at most `size` samples
+                sub = ok[start : start + size]
+                try:
+                    rows, k = _forward_rows(model, sub, layers, pad_id, vlm, cfg.store_dtype)
+                except Exception as err:  # noqa: BLE001 - only out-of-memory is handled, the rest re-raised
+                    if not is_out_of_memory(err):
+                        raise
+                    if len(sub) == 1:
+                        logger.error("CUDA out of memory on a single sample (%s): lower extraction.max_length, "
+                                     "use a GPU with more memory or spread the model with model.device_map",
+                                     sub[0].tokens.sample_id)
+                        raise
+                    size = len(sub) // 2
+                    halvings += 1
+                    logger.warning("CUDA out of memory with %d samples per forward: retrying them %d at a time",
+                                   len(sub), size)
+                else:
+                    writer.append(rows)
+                    chunk.clamped += k
+                    table = build_token_table([p.tokens for p in sub], vlm.tokenizer, prep.image_token_id,
+                                              prep.special_ids)
+                    if table.height != rows[layers[0]].shape[0]:
+                        raise TokenMapError(
+                            f"token table has {table.height} rows but the batch produced "
+                            f"{rows[layers[0]].shape[0]} activation rows"
+                        )
+                    chunk.parts.append(table)
+                    new_tokens += table.height
+                    start += len(sub)
+                    continue
+                free_accelerator_memory()  # after the except block: the error's frames no longer hold tensors
             bar.update(len(items))
             if progress and new_tokens:
                 bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}")
@@ -627,7 +729,8 @@ def extract_activations(
     _commit_chunk(store, state)
     store.rm(PARTS)
     wall = time.perf_counter() - t0
-    result = _result(store, state, layers, n, wall, new_tokens, reused=False, resumed=resumed)
+    result = _result(store, state, layers, n, wall, new_tokens, reused=False, resumed=resumed,
+                     batch_size=size, oom_halvings=halvings)
     logger.info(
         "extracted %d tokens from %d/%d samples in %.1fs (%.0f tokens/s); skipped %s",
         result.n_tokens, result.samples_done, n, wall, result.tokens_per_s, result.samples_skipped,
@@ -694,6 +797,8 @@ def _raise_all_failed(totals: dict[str, Any], n: int) -> None:
 __all__ = [
     "ExtractionError",
     "ExtractionResult",
+    "auto_batch_size",
+    "resolve_batch_size",
     "extract_activations",
     "extraction_fingerprint",
     "prepare_batches",

@@ -58,6 +58,7 @@ class SampleLayout:
     row_start: np.ndarray
     row_count: np.ndarray
     n_base: np.ndarray
+    n_text: np.ndarray
     grid_rows: int
     grid_cols: int
 
@@ -77,6 +78,7 @@ def sample_layout(tokens: pl.LazyFrame) -> SampleLayout:
         .group_by("sample_index", maintain_order=True)
         .agg(pl.col("sample_id").first(), pl.col("_row").min().alias("start"), pl.len().alias("count"),
              pl.col("_row").max().alias("stop"), (pl.col("view") == "base").sum().alias("n_base"),
+             (pl.col("modality") == "text").sum().alias("n_text"),
              pl.col("grid_row").filter(pl.col("view") == "base").max().alias("gr"),
              pl.col("grid_col").filter(pl.col("view") == "base").max().alias("gc"))
         .collect()
@@ -89,7 +91,7 @@ def sample_layout(tokens: pl.LazyFrame) -> SampleLayout:
     return SampleLayout(
         agg["sample_index"].to_numpy(), agg["sample_id"].to_numpy(), agg["start"].to_numpy().astype(np.int64),
         agg["count"].to_numpy().astype(np.int64), agg["n_base"].to_numpy().astype(np.int64),
-        int(gr.max()) + 1 if len(gr) else 0, int(gc.max()) + 1 if len(gc) else 0,
+        agg["n_text"].to_numpy().astype(np.int64), int(gr.max()) + 1 if len(gr) else 0, int(gc.max()) + 1 if len(gc) else 0,
     )
 
 
@@ -101,6 +103,7 @@ class RowInfo:
     modality: np.ndarray      # IMAGE / TEXT / OTHER
     base_cell: np.ndarray     # grid_row * grid_cols + grid_col for base-view rows, else -1
     eligible_text: np.ndarray # text row that may be a peak (template excluded unless asked)
+    text_index: np.ndarray    # index among the sample's text rows, -1 for other rows
     position: np.ndarray
 
 
@@ -114,7 +117,11 @@ def row_info(frame: pl.DataFrame, starts: np.ndarray, counts: np.ndarray, grid_c
                     + frame["grid_col"].fill_null(0).to_numpy(), -1)
     is_template = (frame["role"] == "template").fill_null(False).to_numpy()
     eligible = (modality == TEXT) & (include_template | ~is_template)
-    return RowInfo(local, modality, cell, eligible, frame["position"].to_numpy())
+    is_text = modality == TEXT
+    before = np.concatenate([[0], np.cumsum(is_text)])  # text rows before each row, then per-sample offset
+    first = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    text_index = np.where(is_text, before[:-1] - np.repeat(before[first], counts), -1)
+    return RowInfo(local, modality, cell, eligible, text_index, frame["position"].to_numpy())
 
 
 class TokenSlices:
@@ -158,29 +165,66 @@ def _finite_rows(x: np.ndarray) -> np.ndarray:
 # --- pass 1 state --------------------------------------------------------------------------------
 @dataclass
 class _TopK:
-    """A running top-K of (score, sample) per selected latent, merged batch by batch."""
+    """A running top-K of (score, sample, payload) per selected latent, merged batch by batch.
+
+    The payload is what rendering needs of a top sample (activation per base patch, or per text
+    token), captured while the sample's codes are at hand, so no second pass over the data is needed.
+    """
 
     n: int
     k: int
+    width: int
     score: torch.Tensor = field(init=False)
     sample: torch.Tensor = field(init=False)
+    payload: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         self.score = torch.full((self.n, self.k), -np.inf, dtype=torch.float64)
         self.sample = torch.full((self.n, self.k), -1, dtype=torch.long)
+        self.payload = torch.zeros((self.n, self.k, self.width), dtype=torch.float32)
 
-    def merge(self, sel_row: torch.Tensor, local: torch.Tensor, score: torch.Tensor, samples: torch.Tensor) -> None:
-        """Candidates: (selected-latent row, batch-local sample, score); ``samples`` maps local → global."""
+    def merge(self, sel_row: torch.Tensor, local: torch.Tensor, score: torch.Tensor, samples: torch.Tensor,
+              payload_of: Any) -> None:
+        """Candidates: (selected-latent row, batch-local sample, score); ``samples`` maps local → global;
+        ``payload_of(rows, locals)`` gives the payload of the candidates that enter a top list."""
         if len(sel_row) == 0:
             return
+        changed = torch.unique(sel_row)
         s = int(samples.numel())
-        dense = torch.full((self.n, s), -np.inf, dtype=torch.float64)
-        dense[sel_row, local] = score
-        cand_sample = samples.unsqueeze(0).expand(self.n, s)
-        all_score = torch.cat([self.score, dense], dim=1)
-        all_sample = torch.cat([self.sample, cand_sample], dim=1)
+        sub = torch.full((len(changed), s), -np.inf, dtype=torch.float64)
+        sub[torch.searchsorted(changed, sel_row), local] = score
+        all_score = torch.cat([self.score[changed], sub], dim=1)
         top = all_score.topk(self.k, dim=1)
-        self.score, self.sample = top.values, all_sample.gather(1, top.indices)
+        idx = top.indices
+        from_batch = idx >= self.k
+        old = self.payload[changed].gather(1, idx.clamp(max=self.k - 1).unsqueeze(-1).expand(-1, -1, self.width))
+        old_sample = self.sample[changed].gather(1, idx.clamp(max=self.k - 1))
+        if from_batch.any():
+            ci, ri = torch.nonzero(from_batch, as_tuple=True)
+            new_local = idx[ci, ri] - self.k
+            old[ci, ri] = payload_of(changed[ci], new_local)
+            old_sample[ci, ri] = samples[new_local]
+        self.score[changed] = top.values
+        self.sample[changed] = old_sample
+        self.payload[changed] = old
+
+
+def _payload(sel_row: torch.Tensor, local: torch.Tensor, slot: torch.Tensor, value: torch.Tensor,
+             n_local: int, width: int) -> Any:
+    """A ``payload_of`` over this batch's active entries (selected row, local sample, slot, value)."""
+    keys = sel_row * n_local + local
+
+    def payload_of(rows: torch.Tensor, locals_: torch.Tensor) -> torch.Tensor:
+        want = rows * n_local + locals_
+        order = torch.argsort(want)
+        sorted_want = want[order]
+        pos = torch.searchsorted(sorted_want, keys).clamp(max=len(want) - 1)
+        hit = sorted_want[pos] == keys
+        out = torch.zeros((len(want), width), dtype=torch.float32)
+        out[order[pos[hit]], slot[hit]] = value[hit]
+        return out
+
+    return payload_of
 
 
 def _rank_key(ranking: str, count: torch.Tensor, total: torch.Tensor, peak: torch.Tensor,
@@ -248,12 +292,14 @@ def compute_latent_stats(
     sel_rows[selected] = np.arange(int(selected.sum()))
     sel_rows_t = torch.from_numpy(sel_rows)
     K = cfg.top_k
-    top_img, top_txt = _TopK(int(selected.sum()), K), _TopK(int(selected.sum()), K)
+    n_sel = int(selected.sum())
+    n_cells = layout.grid_rows * layout.grid_cols
+    max_text = int(layout.n_text.max()) if layout.n_samples else 0
+    top_img, top_txt = _TopK(n_sel, K, n_cells), _TopK(n_sel, K, max_text)
     acc = {k: torch.zeros(W, dtype=torch.float64) for k in ("fires_image", "fires_text", "sum_image", "sum_text")}
     acc |= {k: torch.zeros(W, dtype=torch.float32) for k in ("max_image", "max_text")}
     n_image = n_text = n_skipped = 0
     n_base_all = torch.from_numpy(layout.n_base.astype(np.float64))
-    n_cells = layout.grid_rows * layout.grid_cols
 
     batches = list(_sample_batches(layout, cfg.batch_samples))
     state = {"acc": acc, "top_img": top_img, "top_txt": top_txt}
@@ -304,19 +350,23 @@ def compute_latent_stats(
             uniq, count, total, peak = _group(keys, v[base])
             u_srow, u_local = uniq // n_local, uniq % n_local
             score = _rank_key(cfg.ranking, count, total, peak, n_base_all[s0:s1][u_local])
-            top_img.merge(u_srow, u_local, score, globals_)
+            cell = torch.from_numpy(info.base_cell)[rows[base]]
+            top_img.merge(u_srow, u_local, score, globals_,
+                          _payload(srow[base], local[base], cell, v[base], n_local, n_cells))
         txt = torch.from_numpy(info.eligible_text & finite)[rows]
         if txt.any():
             keys = srow[txt] * n_local + local[txt]
             uniq, _, _, peak = _group(keys, v[txt])
-            top_txt.merge(uniq // n_local, uniq % n_local, peak, globals_)
+            any_text = torch.from_numpy((info.text_index >= 0) & finite)[rows]
+            slot = torch.from_numpy(info.text_index)[rows[any_text]]
+            top_txt.merge(uniq // n_local, uniq % n_local, peak, globals_,
+                          _payload(srow[any_text], local[any_text], slot, v[any_text], n_local, max_text))
 
     if checkpoint:
         _save_checkpoint(checkpoint, fingerprint, state, len(batches), (n_image, n_text, n_skipped))
     stats = _stats_frame(acc, selected, n_image, n_text)
     explained_mask = stats["explained"].to_numpy()[selected]
-    top = _gather_top(sae, array, slices, layout, top_img, top_txt, np.flatnonzero(selected), explained_mask,
-                      cfg, device, max_rows, n_cells)
+    top = _assemble_top(slices, layout, top_img, top_txt, np.flatnonzero(selected), explained_mask, cfg)
     seconds = time.perf_counter() - t0
     summary = {
         "n_tokens": layout.n_rows, "n_image_tokens": n_image, "n_text_tokens": n_text, "n_samples": layout.n_samples,
@@ -336,6 +386,7 @@ def _save_checkpoint(path: str, fingerprint: str, state: dict, batches_done: int
     for name in ("top_img", "top_txt"):
         arrays[f"{name}_score"] = state[name].score.numpy()
         arrays[f"{name}_sample"] = state[name].sample.numpy()
+        arrays[f"{name}_payload"] = state[name].payload.numpy()
     arrays["meta"] = np.array([batches_done, *counts], dtype=np.int64)
     arrays["fingerprint"] = np.array(fingerprint)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -360,6 +411,7 @@ def _load_checkpoint(path: str | None, fingerprint: str, state: dict) -> tuple[i
         for name in ("top_img", "top_txt"):
             state[name].score = torch.from_numpy(z[f"{name}_score"].copy())
             state[name].sample = torch.from_numpy(z[f"{name}_sample"].copy())
+            state[name].payload = torch.from_numpy(z[f"{name}_payload"].copy())
         meta = z["meta"].tolist()
     return int(meta[0]), (int(meta[1]), int(meta[2]), int(meta[3]))
 
@@ -395,7 +447,7 @@ def _stats_frame(acc: dict[str, torch.Tensor], selected: np.ndarray, n_image: in
     })
 
 
-# --- pass 2: what rendering needs, for the top samples only ---------------------------------------
+# --- assembly: the top lists as a table (token positions read for the top samples only) ----------
 TOP_SCHEMA = {
     "latent": pl.Int32, "modality": pl.Utf8, "rank": pl.Int16, "sample_index": pl.Int32, "sample_id": pl.Utf8,
     "score": pl.Float64, "active_count": pl.Int32, "mean_activation": pl.Float32, "max_activation": pl.Float32,
@@ -405,78 +457,90 @@ TOP_SCHEMA = {
 }
 
 
-def _gather_top(sae: SparseCoder, array: Any, slices: TokenSlices, layout: SampleLayout, top_img: _TopK,
-                top_txt: _TopK, sel_latents: np.ndarray, explained: np.ndarray, cfg: LatentsConfig, device: str,
-                max_rows: int, n_cells: int) -> pl.DataFrame:
-    """One row per (explained latent, modality, rank), filled from a re-encoding of the top samples."""
-    wanted: list[tuple[int, str, int, int, float]] = []  # (latent, modality, rank, sample, score)
+@dataclass(frozen=True)
+class _SampleTokens:
+    base_position: np.ndarray  # [n_cells] token position of each base cell (-1 if absent)
+    text_position: np.ndarray  # positions of the sample's text rows
+    text_eligible: np.ndarray
+
+
+def _sample_tokens(slices: TokenSlices, layout: SampleLayout, samples: np.ndarray, cfg: LatentsConfig,
+                   batch: int) -> dict[int, _SampleTokens]:
+    """Token positions of the given samples, reading the token table in sample-batch slices."""
+    out: dict[int, _SampleTokens] = {}
+    n_cells = layout.grid_rows * layout.grid_cols
+    wanted = set(samples.tolist())
+    for s0, s1 in _sample_batches(layout, batch):
+        here = [s for s in range(s0, s1) if s in wanted]
+        if not here:
+            continue
+        r0 = int(layout.row_start[s0])
+        r1 = int(layout.row_start[s1 - 1] + layout.row_count[s1 - 1])
+        info = row_info(slices.rows(r0, r1), layout.row_start[s0:s1], layout.row_count[s0:s1], layout.grid_cols,
+                        cfg.text_include_template)
+        for s in here:
+            m = info.local_sample == s - s0
+            base = m & (info.base_cell >= 0)
+            pos = np.full(n_cells, -1, dtype=np.int64)
+            pos[info.base_cell[base]] = info.position[base]
+            text = m & (info.modality == TEXT)
+            out[s] = _SampleTokens(pos, info.position[text], info.eligible_text[text])
+    return out
+
+
+def _column(name: str, values: Any, n: int) -> pl.Series:
+    """A column of the top table: arrays/lists as given, scalars (and None) repeated."""
+    dtype = TOP_SCHEMA[name]
+    if values is None or isinstance(values, (str, int, float)):
+        return pl.repeat(values, n, dtype=dtype, eager=True).alias(name)
+    return pl.Series(name, values).cast(dtype)
+
+
+def _assemble_top(slices: TokenSlices, layout: SampleLayout, top_img: _TopK, top_txt: _TopK,
+                  sel_latents: np.ndarray, explained: np.ndarray, cfg: LatentsConfig) -> pl.DataFrame:
+    """One row per (explained latent, modality, rank), from the top lists and their payloads."""
+    frames = []
+    found = {}
     for topk, modality in ((top_img, "image"), (top_txt, "text")):
         sc, sm = topk.score.numpy(), topk.sample.numpy()
-        for j in np.flatnonzero(explained):
-            for r in range(topk.k):
-                if sm[j, r] >= 0 and np.isfinite(sc[j, r]):
-                    wanted.append((int(sel_latents[j]), modality, r, int(sm[j, r]), float(sc[j, r])))
-    if not wanted:
+        keep = explained[:, None] & (sm >= 0) & np.isfinite(sc)
+        found[modality] = np.nonzero(keep)
+    samples = np.unique(np.concatenate([top_img.sample.numpy()[found["image"]],
+                                        top_txt.sample.numpy()[found["text"]]]))
+    tokens = _sample_tokens(slices, layout, samples, cfg, cfg.batch_samples)
+    for topk, modality in ((top_img, "image"), (top_txt, "text")):
+        j, r = found[modality]
+        if len(j) == 0:
+            continue
+        s = topk.sample.numpy()[j, r]
+        pay = topk.payload.numpy()[j, r]
+        cols: dict[str, Any] = {
+            "latent": sel_latents[j].astype(np.int32), "modality": modality, "rank": r.astype(np.int16),
+            "sample_index": layout.sample_index[s].astype(np.int32), "sample_id": layout.sample_id[s].astype(str),
+            "score": topk.score.numpy()[j, r],
+        }
+        if modality == "image":
+            peak = pay.argmax(axis=1)
+            cols |= {"active_count": (pay > 0).sum(1).astype(np.int32),
+                     "mean_activation": (pay.sum(1) / np.maximum(layout.n_base[s], 1)).astype(np.float32),
+                     "max_activation": pay.max(1).astype(np.float32),
+                     "peak_position": np.array([tokens[si].base_position[c] for si, c in zip(s, peak)], np.int32),
+                     "grid_rows": layout.grid_rows, "grid_cols": layout.grid_cols,
+                     "patch_activations": list(pay.astype(np.float32)), "text_positions": None,
+                     "text_activations": None}
+        else:
+            acts = [pay[i, : len(tokens[si].text_position)] for i, si in enumerate(s)]
+            elig = [tokens[si].text_eligible for si in s]
+            peaks = [int(np.argmax(np.where(e, a, -np.inf))) for a, e in zip(acts, elig)]
+            cols |= {"active_count": np.array([(a[e] > 0).sum() for a, e in zip(acts, elig)], np.int32),
+                     "mean_activation": np.array([a[e].mean() for a, e in zip(acts, elig)], np.float32),
+                     "max_activation": np.array([a[p] for a, p in zip(acts, peaks)], np.float32),
+                     "peak_position": np.array([tokens[si].text_position[p] for si, p in zip(s, peaks)], np.int32),
+                     "grid_rows": None, "grid_cols": None, "patch_activations": None,
+                     "text_positions": [tokens[si].text_position.astype(np.int32) for si in s],
+                     "text_activations": [a.astype(np.float32) for a in acts]}
+        n = len(j)
+        frames.append(pl.DataFrame([_column(k, v, n) for k, v in cols.items()]))
+    if not frames:
         return pl.DataFrame(schema=TOP_SCHEMA)
-    by_sample: dict[int, list[int]] = {}
-    for i, w in enumerate(wanted):
-        by_sample.setdefault(w[3], []).append(i)
-    out: list[dict[str, Any] | None] = [None] * len(wanted)
-    samples = np.array(sorted(by_sample))
-    for b in range(0, len(samples), cfg.batch_samples):
-        chunk = samples[b: b + cfg.batch_samples]
-        # rows of these samples only (not contiguous): read each, encode them together
-        spans = [(int(layout.row_start[s]), int(layout.row_count[s])) for s in chunk]
-        infos = [row_info(slices.rows(r0, r0 + n), np.array([r0]), np.array([n]), layout.grid_cols,
-                          cfg.text_include_template) for r0, n in spans]
-        x = np.concatenate([np.asarray(array[r0: r0 + n], dtype=np.float32) for r0, n in spans])
-        x = np.where(_finite_rows(x)[:, None], x, 0.0)
-        values, indices = encode_rows(sae, x, device, max_rows)
-        lats = np.array(sorted({wanted[i][0] for s in chunk for i in by_sample[s]}))
-        dense = _dense_columns(values.cpu(), indices.cpu(), lats, sae.num_latents)
-        col = {int(lat): c for c, lat in enumerate(lats)}
-        offset = 0
-        for s, (_, n), info in zip(chunk, spans, infos):
-            block = dense[offset: offset + n]
-            offset += n
-            for i in by_sample[s]:
-                latent, modality, rank, _, score = wanted[i]
-                out[i] = _example_row(latent, modality, rank, int(s), score, block[:, col[latent]], info, layout,
-                                      n_cells)
-    return pl.DataFrame([r for r in out if r is not None], schema=TOP_SCHEMA).sort(["latent", "modality", "rank"])
-
-
-def _dense_columns(values: torch.Tensor, indices: torch.Tensor, latents: np.ndarray, num_latents: int) -> np.ndarray:
-    """[rows, len(latents)] activations of just these latents."""
-    lookup = np.full(num_latents, -1, dtype=np.int64)
-    lookup[latents] = np.arange(len(latents))
-    dense = np.zeros((values.shape[0], len(latents)), dtype=np.float32)
-    cols = lookup[indices.numpy()]
-    r, c = np.nonzero(cols >= 0)
-    np.add.at(dense, (r, cols[r, c]), values.numpy()[r, c])
-    return dense
-
-
-def _example_row(latent: int, modality: str, rank: int, s: int, score: float, acts: np.ndarray, info: RowInfo,
-                 layout: SampleLayout, n_cells: int) -> dict[str, Any]:
-    row: dict[str, Any] = {"latent": latent, "modality": modality, "rank": rank, "sample_index":
-                           int(layout.sample_index[s]), "sample_id": str(layout.sample_id[s]), "score": score}
-    if modality == "image":
-        base = info.base_cell >= 0
-        patches = np.zeros(n_cells, dtype=np.float32)
-        patches[info.base_cell[base]] = acts[base]
-        peak = int(np.argmax(np.where(base, acts, -np.inf)))
-        row |= {"active_count": int((patches > 0).sum()), "mean_activation": float(patches.sum() / max(base.sum(), 1)),
-                "max_activation": float(patches.max()), "peak_position": int(info.position[peak]),
-                "grid_rows": layout.grid_rows, "grid_cols": layout.grid_cols,
-                "patch_activations": patches.tolist(), "text_positions": None, "text_activations": None}
-    else:
-        text = info.modality == TEXT
-        elig = info.eligible_text
-        peak = int(np.argmax(np.where(elig, acts, -np.inf)))
-        row |= {"active_count": int((acts[elig] > 0).sum()), "mean_activation": float(acts[elig].mean()),
-                "max_activation": float(acts[peak]), "peak_position": int(info.position[peak]),
-                "grid_rows": None, "grid_cols": None, "patch_activations": None,
-                "text_positions": info.position[text].astype(np.int32).tolist(),
-                "text_activations": acts[text].astype(np.float32).tolist()}
-    return row
+    return pl.concat(frames).select(list(TOP_SCHEMA)).sort(["latent", "modality", "rank"])

@@ -143,8 +143,6 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: to
     norm = cfg.get("normalize_activations")
     if norm not in (None, "none", False):
         raise SAEFormatError(f"{path}: normalize_activations={norm!r} is not supported (only 'none')")
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm=true is not supported")
     state = _load_tensors(path, SAELENS_WEIGHTS, "cpu")
     missing = {"W_enc", "W_dec", "b_enc", "b_dec"} - set(state)
     if missing:
@@ -156,6 +154,14 @@ def load_saelens(path: str | Path, device: str | torch.device = "cpu", dtype: to
     d_in, d_sae = w_enc.shape
     if w_dec.shape != (d_sae, d_in):
         raise SAEFormatError(f"{path}: W_dec shape {tuple(w_dec.shape)} != (d_sae, d_in) = {(d_sae, d_in)}")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # Rescaling by decoder norms is the identity when the rows are unit-norm, which is how SAELens v6
+        # saves TopK SAEs (the norms are folded in, the flag stays in cfg.json). Anything else would
+        # need the rescale reproduced; refuse rather than load something subtly different.
+        worst = float((w_dec.norm(dim=1) - 1).abs().max())
+        if worst > 1e-3:
+            raise SAEFormatError(f"{path}: rescale_acts_by_decoder_norm=true with decoder rows of norm != 1 "
+                                 f"(off by up to {worst:.3g}) is not supported")
     if not cfg.get("apply_b_dec_to_input", True):
         # SAELens encodes W_enc·x + b_enc; msae encodes W_enc·(x - b_dec) + b -> b = b_enc + W_enc·b_dec.
         b_enc = b_enc + b_dec @ w_enc
