@@ -11,8 +11,12 @@ token ending each tile row, question / answer text), float16 activations in a za
 :class:`msae.sae.model.SparseCoder` (``reset_parameters(seed)``).
 
 msae = :func:`msae.latents.stats.compute_latent_stats` with the stage's defaults (64 samples a batch,
-top 5, ``active_patches`` ranking, all latents), the token table passed as a parquet path — both
-passes, the per-latent stats table and the top-examples table (patch / text activations) included.
+top 5, ``active_patches`` ranking, all latents), the token table passed as a parquet path — its one
+streaming pass (encode, per-latent accumulators, top-K merge carrying each top sample's payload of
+patch / text-token activations) and the final assembly of the stats table and the top-examples table
+(``_assemble_top``: reads the token positions of the top samples, encodes nothing) included. Inside the
+msae run, ``encode_rows``, ``_TopK.merge`` and ``_assemble_top`` are timed separately, and the size of
+the two payload buffers is recorded.
 
 Reference = the straightforward research-code approach: the whole token table read into memory; per
 sample (batch size 1) its rows encoded into a dense ``[rows, width]`` matrix (``sae.encode`` + scatter);
@@ -20,7 +24,7 @@ for every latent the sample's count of active base patches, mean over base patch
 non-template text tokens (vectorised over latents with numpy, not a Python loop over latents), kept
 for every sample in Python lists; at the end the lists are stacked and each latent's samples sorted
 (count, then mean; text: max) for the top ``K``. It computes only the rankings: no per-latent stats
-table and no second pass for the renderers.
+table and no per-example patch / text-token activations for the renderers.
 
 Each (implementation, size) runs in a fresh subprocess; peak memory = the resident-set peak (VmHWM,
 reset after imports, the SAE and opening the inputs) minus the resident set at that point (the zarr
@@ -209,32 +213,45 @@ def child(args) -> None:
     array = RowPrefix(zarr.open_array(str(data / "acts.zarr"), mode="r"), n_rows)
     tokens_path = str(data / f"tokens_{args.n}.parquet")
     sae = make_sae(meta["d"], meta["width"], meta["k"], meta["seed"])
-    pass2 = [0.0]
-    if args.child == "msae":  # time pass 2 (re-encoding the top samples for the renderers) on its own
+    parts = {"encode": 0.0, "merge": 0.0, "assembly": 0.0}
+    payload_bytes, payload_shape = [0], [None]
+    if args.child == "msae":  # where the time goes: encoding, the top-K merges, the final assembly
         import msae.latents.stats as stats_mod
 
-        gather = stats_mod._gather_top
+        def timed(name, fn):
+            def wrapper(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    parts[name] += time.perf_counter() - t
+            return wrapper
 
-        def timed_gather(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return gather(*a, **kw)
-            finally:
-                pass2[0] += time.perf_counter() - t
+        assemble = stats_mod._assemble_top
 
-        stats_mod._gather_top = timed_gather
+        def assemble_and_size(slices, layout, top_img, top_txt, *a, **kw):
+            # the payload buffers held through the pass: n_selected × top_k × (grid cells | max text tokens)
+            payload_bytes[0] = sum(t.payload.numel() * t.payload.element_size() for t in (top_img, top_txt))
+            payload_shape[0] = [top_img.n, top_img.k, top_img.width, top_txt.width]  # n_sel, K, cells, max text
+            return assemble(slices, layout, top_img, top_txt, *a, **kw)
+
+        stats_mod.encode_rows = timed("encode", stats_mod.encode_rows)
+        stats_mod._TopK.merge = timed("merge", stats_mod._TopK.merge)
+        stats_mod._assemble_top = timed("assembly", assemble_and_size)
     base_kib, reset = baseline_rss_kib()
     t0 = time.perf_counter()
     top_samples = None
     if args.child == "msae":
         result = msae_top(sae, array, tokens_path, meta["top_k"])
         seconds = time.perf_counter() - t0
-        top_samples = int(result.top_examples["sample_index"].n_unique())  # samples pass 2 re-encoded
+        top_samples = int(result.top_examples["sample_index"].n_unique())  # samples whose positions assembly reads
     else:
         reference_top(sae, array, tokens_path, meta["top_k"])
         seconds = time.perf_counter() - t0
     peak_kib = peak_rss_kib()
-    print(json.dumps({"seconds": seconds, "pass2_seconds": pass2[0], "top_samples": top_samples, "rows": n_rows,
+    print(json.dumps({"seconds": seconds, "encode_seconds": parts["encode"], "merge_seconds": parts["merge"],
+                      "assembly_seconds": parts["assembly"], "payload_bytes": payload_bytes[0],
+                      "payload_shape": payload_shape[0], "top_samples": top_samples, "rows": n_rows,
                       "base_kib": base_kib, "peak_kib": peak_kib, "hwm_reset": reset}))
 
 
@@ -357,9 +374,10 @@ def main() -> None:
             results.append({"n": n, "tokens": m["rows"], "msae": m, "ref": r})
             rs = f"{r['rows'] / r['seconds']:,.0f} tok/s, +{(r['peak_kib'] - r['base_kib']) / 1024:.0f} MiB" if r \
                 else "skipped"
-            print(f"  n={n}: msae {m['rows'] / m['seconds']:,.0f} tok/s (pass 2 {m['pass2_seconds']:.1f} of "
-                  f"{m['seconds']:.1f} s), "
-                  f"+{(m['peak_kib'] - m['base_kib']) / 1024:.0f} MiB; reference {rs}", flush=True)
+            print(f"  n={n}: msae {m['rows'] / m['seconds']:,.0f} tok/s (of {m['seconds']:.1f} s: encode "
+                  f"{m['encode_seconds']:.1f}, top-K merge {m['merge_seconds']:.1f}, assembly "
+                  f"{m['assembly_seconds']:.1f}), +{_mib(m):.0f} MiB (payload {_payload_mib(m):.1f}); "
+                  f"reference {rs}", flush=True)
     total = time.perf_counter() - t_start
 
     table = markdown(results, args.ref_max_seconds)
@@ -368,6 +386,8 @@ def main() -> None:
     print(table)
     print()
     print(flat)
+    print()
+    print(reading(results, args.width, args.top_k))
     print(f"\nwhole run {total:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.write:
         write_section(ROOT / "benchmarks" / "RESULTS.md",
@@ -378,20 +398,30 @@ def _mib(m: dict) -> float:
     return (m["peak_kib"] - m["base_kib"]) / 1024
 
 
+def _payload_mib(m: dict) -> float:
+    return m["payload_bytes"] / 2**20
+
+
+def _share(m: dict, part: str) -> float:
+    return m[f"{part}_seconds"] / m["seconds"]
+
+
 def markdown(results: list[dict], ref_max_seconds: float) -> str:
-    lines = ["| n_samples | tokens | msae tok/s | reference tok/s | speed ratio | msae pass 1 tok/s | pass-1 ratio "
-             "| msae peak MiB | reference peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| n_samples | tokens | msae tok/s | reference tok/s | speed ratio | encode share | top-K merge share "
+             "| assembly share | msae peak MiB | of which payload MiB | reference peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
         m, r = row["msae"], row["ref"]
         ms = m["rows"] / m["seconds"]
-        m1 = m["rows"] / (m["seconds"] - m["pass2_seconds"])
+        shares = " | ".join(f"{_share(m, p):.0%}" for p in ("encode", "merge", "assembly"))
         if r:
             rs = r["rows"] / r["seconds"]
-            ref_cols = f"{rs:,.0f} | {ms / rs:.2f} | {m1:,.0f} | {m1 / rs:.2f} | {_mib(m):.0f} | {_mib(r):.0f}"
+            ref_cols = f"{rs:,.0f} | {ms / rs:.2f}"
         else:
-            ref_cols = f"skipped (> {ref_max_seconds:.0f} s predicted) | – | {m1:,.0f} | – | {_mib(m):.0f} | –"
-        lines.append(f"| {row['n']:,} | {row['tokens']:,} | {ms:,.0f} | {ref_cols} |")
+            ref_cols = f"skipped (> {ref_max_seconds:.0f} s predicted) | –"
+        ref_mib = f"{_mib(r):.0f}" if r else "–"
+        lines.append(f"| {row['n']:,} | {row['tokens']:,} | {ms:,.0f} | {ref_cols} | {shares} | {_mib(m):.0f} "
+                     f"| {_payload_mib(m):.1f} | {ref_mib} |")
     return "\n".join(lines)
 
 
@@ -422,32 +452,55 @@ def reading(results: list[dict], width: int, top_k: int, batch_samples: int = 64
 
     ref = [r for r in results if r["ref"]]
     tps = results[-1]["tokens"] / results[-1]["n"]
+    ms = [r["msae"] for r in results]
     ratio = [(r["msae"]["rows"] / r["msae"]["seconds"]) / (r["ref"]["rows"] / r["ref"]["seconds"]) for r in ref]
-    p1 = [(r["msae"]["rows"] / (r["msae"]["seconds"] - r["msae"]["pass2_seconds"]))
-          / (r["ref"]["rows"] / r["ref"]["seconds"]) for r in ref]
-    share = [r["msae"]["pass2_seconds"] / r["msae"]["seconds"] for r in results]
-    m_peak = [_mib(r["msae"]) for r in results]
-    slots = 2 * top_k * width
-    reenc = [r["msae"]["top_samples"] / r["n"] for r in results]
-    verdict = "slower" if max(ratio) < 0.95 else "faster" if min(ratio) > 1.05 else "about as fast"
-    text = (f"Reading the numbers. Speed: end to end msae runs at {_span(ratio, '.2f')}× the "
-            f"reference's tokens/s here, i.e. {verdict}. Its pass 2 — re-encoding every sample that sits in some "
-            f"top-{top_k} list and building the renderers' rows (activation per base patch / per text token of "
-            f"each example) — takes {_span(share, '.0%')} of its time: {width} latents × top {top_k} × "
-            f"2 modalities make up to {slots:,} top slots, so pass 2 re-encoded {_span(reenc, '.0%')} of "
-            "the samples (the reference computes the rankings only). Pass 1 alone (the reference's work plus the "
-            f"per-latent stats table) runs at {_span(p1, '.2f')}× the reference: both are dominated by "
-            "the same dense encoder matmul, and encoding "
-            f"{batch_samples} samples per matmul instead of one "
-            + ("buys little on one CPU thread. " if max(p1) < 1.3 else "pays off. ")
-            + "Pass 2 is "
-            f"bounded by the number of distinct top samples (≤ {slots:,} here), so its share falls only once the "
-            f"samples far outnumber that. Memory: msae's peak stays at {_span(m_peak, '.0f')} MiB over "
-            f"{results[0]['n']:,}–{results[-1]['n']:,} samples; it is set by the batch, not the data: "
-            f"{batch_samples} samples (≈{batch_samples * tps / 1000:.0f}k rows) encoded in chunks of up to "
+    enc, mrg, asm = ([_share(m, p) for m in ms] for p in ("encode", "merge", "assembly"))
+    rest = [1 - _share(m, "encode") - _share(m, "merge") - _share(m, "assembly") for m in ms]
+    m_peak = [_mib(m) for m in ms]
+    pay = [_payload_mib(m) for m in ms]
+    n_sel, _, cells, _ = ms[-1]["payload_shape"]
+    max_text = [m["payload_shape"][3] for m in ms]
+    read = [m["top_samples"] / r["n"] for m, r in zip(ms, results)]
+    enc_ratio = [(r["msae"]["rows"] / r["msae"]["encode_seconds"]) / (r["ref"]["rows"] / r["ref"]["seconds"])
+                 for r in ref]
+
+    def word(x: float) -> str:
+        return "slower" if x < 0.95 else "faster" if x > 1.05 else "about as fast"
+
+    words = [word(x) for x in ratio]
+    verdict = words[0] if len(set(words)) == 1 else \
+        f"{words[0]} at {ref[0]['n']:,} samples, {words[-1]} at {ref[-1]['n']:,}"
+    text = (f"Reading the numbers. Speed: end to end msae runs at {_span(ratio, '.2f')}× the reference's "
+            f"tokens/s here, i.e. {verdict}. It reads and encodes every sample once, as the reference does, but "
+            f"{batch_samples} samples per encoder call instead of one, and it produces more: the per-latent stats "
+            "table and, for every top example, its activation on each base patch / text token, which the "
+            "reference does not compute. Where msae's time goes: encoding (`encode_rows`, the same dense "
+            f"[rows, width] matmul + top-k the reference runs) {_span(enc, '.0%')} — encoding alone "
+            f"goes at {_span(enc_ratio, '.2f')}× the reference's whole per-sample loop (which encodes each sample "
+            "too, then densifies and reduces it)"
+            + (f", so encoding {batch_samples} samples per matmul instead of one buys little on one CPU thread"
+               if max(enc_ratio) < 1.3 else "")
+            + f"; the top-K merges "
+            "(`_TopK.merge`, including capturing each new top sample's payload) "
+            f"{_span(mrg, '.0%')}; the final assembly (`_assemble_top`: the token positions of the samples "
+            f"that sit in some top list — {_span(read, '.0%')} of them here — read from the token table, plus "
+            f"building the table's rows; nothing re-encoded) {_span(asm, '.0%')}; the rest (token-table slices, per-row "
+            f"bookkeeping, the per-latent accumulators, grouping candidates) {_span(rest, '.0%')}. Assembly is "
+            f"bounded by the number of top slots ({width:,} latents × top {top_k} × 2 modalities = "
+            f"{2 * width * top_k:,}), not by the data, so its share falls as the samples grow. "
+            + (f"Memory: msae's peak stays at {_span(m_peak, '.0f')} MiB "
+               f"({m_peak[-1] / m_peak[0]:.2f}× for {results[-1]['tokens'] / results[0]['tokens']:.0f}× the tokens) over "
+               if max(m_peak) <= 1.2 * min(m_peak) else
+               f"Memory: msae's peak moves between {_span(m_peak, '.0f')} MiB (not flat at these sizes) over ")
+            + f"{results[0]['n']:,}–{results[-1]['n']:,} samples. It is set by the batch and the latents, not the "
+            f"data: {batch_samples} samples (≈{batch_samples * tps / 1000:.0f}k rows) encoded in chunks of up to "
             f"{max_rows} rows (a dense {max_rows} × {width} float32 pre-activation matrix and its ReLU, "
-            f"2 × {max_rows * width * 4 / 2**20:.0f} MiB), and in pass 2 a dense [rows, latents] block for a batch "
-            "of top samples plus the examples' Python rows; `latents.batch_samples` trades it for more, smaller "
+            f"2 × {max_rows * width * 4 / 2**20:.0f} MiB), plus the payload buffers the top-K lists carry "
+            f"through the pass — n_selected × top_k × (grid cells + max text tokens) float32, one buffer per "
+            f"modality: {n_sel:,} × {top_k} × ({cells} + {_span(max_text, 'd')}) × 4 B = {_span(pay, '.1f')} MiB "
+            "here, included in the peak, with transient copies of the changed latents' rows during each merge. "
+            "The text buffer is sized by the longest sample's text, so it grows with the longest text, not "
+            "with the number of samples; `latents.batch_samples` trades the encoding memory for more, smaller "
             "matmuls.")
     if len(ref) >= 2:
         n = np.array([r["n"] for r in ref], dtype=float)
@@ -463,11 +516,13 @@ def reading(results: list[dict], width: int, top_k: int, batch_samples: int = 64
             text += (f"At these sizes it still needs less than msae; the line reaches msae's peak at "
                      f"≈{cross:,.0f} samples (≈{cross * tps / 1e6:.1f} M tokens). ")
         else:
-            text += (f"The line crosses msae's flat peak at ≈{cross:,.0f} samples (≈{cross * tps / 1e6:.1f} M tokens); "
+            text += (f"The line crosses msae's peak at ≈{cross:,.0f} samples (≈{cross * tps / 1e6:.1f} M tokens); "
                      "beyond it the reference needs more, without bound. ")
-        text += (f"Its slope is proportional to the width: at width 65,536 (16× this one) the same line gives "
-                 f"≈{slope * 16 * 1000 / 1024:.0f} GiB per 1,000 samples, against an msae peak that grows with the "
-                 "width but not with the samples.")
+        f = 65536 / width
+        text += (f"Its slope is proportional to the width: at width 65,536 ({f:.3g}× this one) the same line gives "
+                 f"≈{slope * f * 1000 / 1024:.0f} GiB per 1,000 samples, against an msae peak that grows with the "
+                 f"width but not with the samples (its payload buffers alone become ≈{max(pay) * f:.0f} MiB at "
+                 "this grid and text length, and scale with the grid cells and the longest text).")
     return text
 
 
@@ -483,7 +538,7 @@ def section_text(args, table: str, flat: str, check: str, total: float, results:
 
 `{cmd}` — {dt.date.today()}, {platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs (load average {os.getloadavg()[0]:.1f} at the end of the run), torch {torch.__version__}, {args.threads} torch thread(s), device cpu, whole run {total:.0f} s.
 
-Synthetic, seeded inputs: a LLaVA-NeXT-like token table (12 template/special tokens, a {args.grid}×{args.grid} base grid, 40–88 anyres tile patches + a newline per tile row, 12–25 question and 2–7 answer tokens; ≈250 tokens a sample), float16 activations (d {args.d}) in a zarr array on disk read by row slices, a random TopK `SparseCoder` (width {args.width}, k {args.k}, `reset_parameters(seed)`). msae = `compute_latent_stats` at the stage's defaults (64 samples a batch, `max_rows` 8192, top {args.top_k}, `active_patches`, all latents, token table as a parquet path), both passes included; "msae pass 1" leaves out pass 2 (`_gather_top`, timed separately). Reference = per sample (batch size 1): dense `[rows, width]` encode (`sae.encode` + scatter), per-latent base-patch count, base-patch mean and non-template text max (numpy, vectorised over latents) appended to lists for every sample, stacked and sorted per latent at the end — rankings only, no stats table, no second pass. Each cell is one run in a fresh subprocess; peak MiB = the process's resident-set peak (VmHWM, reset after imports, SAE and opening the inputs) minus its resident set at that point (`ru_maxrss` is not used: in a fork + exec child Linux folds the parent's size into it). ratio = msae tok/s ÷ reference tok/s (> 1: msae faster). Check before timing: {check}.
+Synthetic, seeded inputs: a LLaVA-NeXT-like token table (12 template/special tokens, a {args.grid}×{args.grid} base grid, 40–88 anyres tile patches + a newline per tile row, 12–25 question and 2–7 answer tokens; ≈250 tokens a sample), float16 activations (d {args.d}) in a zarr array on disk read by row slices, a random TopK `SparseCoder` (width {args.width}, k {args.k}, `reset_parameters(seed)`). msae = `compute_latent_stats` at the stage's defaults (64 samples a batch, `max_rows` 8192, top {args.top_k}, `active_patches`, all latents, token table as a parquet path), end to end: the one streaming pass (encode, accumulators, top-K merge carrying each top sample's patch / text-token activations as its payload) and the final assembly of the stats and top-examples tables. encode / top-K merge / assembly share = time inside `encode_rows`, `_TopK.merge` (payload capture included) and `_assemble_top` (token positions of the top samples read, nothing encoded), as fractions of msae's total; payload MiB = the two `_TopK.payload` buffers, n_selected × top_k × (grid cells + max text tokens) float32, part of msae's peak. Reference = per sample (batch size 1): dense `[rows, width]` encode (`sae.encode` + scatter), per-latent base-patch count, base-patch mean and non-template text max (numpy, vectorised over latents) appended to lists for every sample, stacked and sorted per latent at the end — rankings only, no stats table, no per-example activations. Each cell is one run in a fresh subprocess; peak MiB = the process's resident-set peak (VmHWM, reset after imports, SAE and opening the inputs) minus its resident set at that point (`ru_maxrss` is not used: in a fork + exec child Linux folds the parent's size into it). ratio = msae tok/s ÷ reference tok/s (> 1: msae faster). Check before timing: {check}.
 
 {table}
 

@@ -204,6 +204,10 @@ class LatentsConfig(_Section):
         description="active_patches: the paper's rule (most active base-grid patches, then mean).",
     )
     seed: int = 0
+    active_fraction: float = Field(
+        0.0, ge=0, lt=1, description="A base-grid patch counts as active when its activation exceeds this fraction "
+        "of the sample's largest one. 0 is the method's rule (any positive activation); on models whose latents "
+        "also fire weakly everywhere, a fraction keeps masks, rankings and IoUs to where the latent really fires.")
     batch_samples: int = Field(64, gt=0, description="Samples encoded per step of the streaming pass.")
     text_include_template: bool = Field(
         False, description="Let chat-template tokens count as a sample's peak text token (they are always shown)."

@@ -18,8 +18,14 @@ def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:
 def build_concept_scores_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     from msae.score.stage import run_concept_scores
 
+    judge: dict = {}
+    if cfg.scores.judge != "none":  # the judge's prompts and (fallback) model shape its scores too
+        from msae.score.autointerp import judge_prompt_version, load_judge_templates
+
+        judge = {"prompts": judge_prompt_version(load_judge_templates()), "model": cfg.explainer.model,
+                 "base_url": cfg.explainer.base_url}
     version = code_version("concept_scores", cfg.embedders, cfg.scores.model_dump(
-        mode="json", exclude={"ablation", "bootstrap"}), cfg.explainer.examples)
+        mode="json", exclude={"ablation", "bootstrap"}), cfg.explainer.examples, judge)
     return build_per_sae_asset(
         cfg, name="concept_scores", upstream=["concepts"], version=version,
         compute=lambda store, layer, width, fp: run_concept_scores(cfg, store, layer, width),

@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Callable
 
 _TAG = re.compile(r"\[\[(\w+)\]\]")
 
@@ -33,6 +33,13 @@ class Reply:
     delay: float = 0.0
     status: int = 200
     headers: tuple[tuple[str, str], ...] = ()
+    respond: Callable[[Any], str] | None = None
+    """kind 'ok' only: compute the content from the parsed request body (overrides ``content``)."""
+
+    @staticmethod
+    def dynamic(respond: Callable[[Any], str], delay: float = 0.0) -> "Reply":
+        """HTTP 200 whose content is ``respond(body)`` (e.g. a judge that reads the prompt)."""
+        return Reply("ok", "", delay, respond=respond)
 
     @staticmethod
     def ok(content: str = "Concept: red circles", delay: float = 0.0) -> "Reply":
@@ -162,7 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
         payload = {
             "id": "stub", "object": "chat.completion", "model": body.get("model"),
             "choices": [{"index": 0, "finish_reason": "stop",
-                         "message": {"role": "assistant", "content": reply.content}}],
+                         "message": {"role": "assistant",
+                                     "content": reply.respond(body) if reply.respond else reply.content}}],
         }
         self._send(200, json.dumps(payload).encode())
         with st.lock:

@@ -60,7 +60,7 @@ def world():
     return tokens, x, sae, _dense_acts(sae, x)
 
 
-def _brute_force(tokens: pl.DataFrame, dense: np.ndarray, ranking: str, top_k: int):
+def _brute_force(tokens: pl.DataFrame, dense: np.ndarray, ranking: str, top_k: int, fraction: float = 0.0):
     """Per sample and latent, the obvious loops (the reference approach)."""
     mod = tokens["modality"].to_numpy()
     base = (tokens["view"] == "base").fill_null(False).to_numpy()
@@ -72,7 +72,7 @@ def _brute_force(tokens: pl.DataFrame, dense: np.ndarray, ranking: str, top_k: i
         for s in np.unique(sidx):
             a = dense[sidx == s, lat]
             b = a[base[sidx == s]]
-            count, mean, mx = int((b > 0).sum()), float(b.mean()), float(b.max())
+            count, mean, mx = int((b > fraction * b.max()).sum()) if b.max() > 0 else 0, float(b.mean()), float(b.max())
             if count:
                 key = {"active_patches": (count, mean), "max": (mx,), "mean": (mean,)}[ranking]
                 img.append((key, int(s)))
@@ -205,3 +205,17 @@ def test_pass_resumes_from_checkpoint_bitwise(world, tmp_path, monkeypatch):
     assert resumed.summary["n_text_tokens"] == clean.summary["n_text_tokens"]
     other = compute_latent_stats(sae, x, tokens, cfg, checkpoint=ckpt, fingerprint="other")  # ignored, not reused
     assert other.stats.equals(clean.stats)
+
+
+def test_active_fraction_counts_only_strong_patches(world):
+    """latents.active_fraction: a patch is active above that share of the sample's peak."""
+    tokens, x, sae, dense = world
+    r = compute_latent_stats(sae, x, tokens, LatentsConfig(top_k=3, active_fraction=0.5))
+    img_rank, _ = _brute_force(tokens, dense, "active_patches", 3, fraction=0.5)
+    top = r.top_examples.filter(pl.col("modality") == "image")
+    for lat in r.stats.filter(pl.col("explained"))["latent"].to_list():
+        assert top.filter(pl.col("latent") == lat).sort("rank")["sample_index"].to_list() == img_rank[lat]
+    for row in top.iter_rows(named=True):
+        acts = np.array(row["patch_activations"])
+        assert row["active_threshold"] == pytest.approx(0.5 * acts.max(), rel=1e-6)
+        assert row["active_count"] == int((acts > 0.5 * acts.max()).sum())

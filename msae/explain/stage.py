@@ -106,8 +106,10 @@ def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig) -> list[Expla
         for prompting in cfg.prompting:
             examples = tuple(
                 ExplainExample(ex.sample_id,
-                               _png(mask_inactive(img, ex.patch_activations) if prompting == "masked" else img),
-                               f"Question: {ex.question} Answer: {ex.answer}", ex.patch_activations)
+                               _png(mask_inactive(img, ex.patch_activations, ex.active_threshold)
+                                    if prompting == "masked" else img),
+                               f"Question: {ex.question} Answer: {ex.answer}",
+                               np.where(ex.patch_activations > ex.active_threshold, ex.patch_activations, 0.0))
                 for ex, img in zip(images, loaded))
             if examples:
                 requests.append(ExplainRequest(latent, "visual", prompting, examples))

@@ -117,7 +117,9 @@ def _image_views(example: ImageExample) -> list[Image.Image | None]:
     if image is None:
         return [None, None, None]
     acts = example.patch_activations
-    return [fit_image(view) for view in (image, mask_inactive(image, acts), heatmap_overlay(image, acts))]
+    thr = example.active_threshold
+    return [fit_image(view) for view in (image, mask_inactive(image, acts, thr), heatmap_overlay(image, acts,
+                                                                                                threshold=thr))]
 
 
 def _image_caption(example: ImageExample, rank: int, font: Any) -> list[str]:

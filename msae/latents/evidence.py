@@ -39,6 +39,8 @@ class ImageExample:
     active_count: int
     mean_activation: float
     max_activation: float
+    active_threshold: float = 0.0
+    """Patches above this activation count as active (``latents.active_fraction`` × the max; 0: any)."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ def _image_example(row: dict[str, Any], sample: dict[str, Any], image_path: str)
         sample_id=row["sample_id"], sample_index=int(row["sample_index"]), image_path=image_path,
         question=sample.get("question") or "", answer=sample.get("answer") or "", patch_activations=acts,
         score=float(row["score"]), active_count=int(row["active_count"]),
-        mean_activation=float(row["mean_activation"]), max_activation=float(row["max_activation"]))
+        mean_activation=float(row["mean_activation"]), max_activation=float(row["max_activation"]),
+        active_threshold=float(row.get("active_threshold") or 0.0))
 
 
 def _text_example(row: dict[str, Any], sample: dict[str, Any], image_path: str,

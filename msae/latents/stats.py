@@ -1,16 +1,17 @@
 """Per-latent statistics and top examples in one streaming, memory-bounded pass.
 
-Pass 1 walks the layer's activations a batch of whole samples at a time, encodes them with the
+The pass walks the layer's activations a batch of whole samples at a time, encodes them with the
 SAE (sparse codes only: ``[rows, k]``), and updates
 
 * per-latent accumulators (firing counts, sums, maxima on image and on text tokens), and
 * for the selected latents, a running top-``K`` of samples per modality, merged with the batch's
-  candidates by one ``topk`` over a dense ``[latents, K + batch samples]`` score matrix.
+  candidates by one ``topk`` over a dense ``[changed latents, K + batch samples]`` score matrix.
+  Each top entry carries its payload (activation on every base-grid patch, or on every text token
+  of the sample), captured while the batch's codes are at hand, so nothing is encoded twice.
 
-Pass 2 re-encodes only the rows of the samples that ended in some top list and reads off what the
-renderers need (activation on each base-grid patch, on each text token). Memory depends on the
-number of latents, ``K`` and the batch size, never on the number of tokens; the token table is read
-in row slices alongside the activations. Formats: ``docs/formats.md``.
+Memory depends on the number of latents, ``K``, the grid, the longest text and the batch size,
+never on the number of tokens; the token table is read in row slices alongside the activations.
+The pass checkpoints its state and resumes. Formats: ``docs/formats.md``.
 """
 
 from __future__ import annotations
@@ -237,13 +238,15 @@ def _rank_key(ranking: str, count: torch.Tensor, total: torch.Tensor, peak: torc
     return mean
 
 
-def _group(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Unique keys with count, sum and max of their values."""
+def _group(keys: torch.Tensor, values: torch.Tensor,
+           fraction: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Unique keys with the count of values above ``fraction`` × their group's max, sum and max."""
     uniq, inv = torch.unique(keys, return_inverse=True)
     n = len(uniq)
-    count = torch.zeros(n, dtype=torch.float64).index_add_(0, inv, torch.ones_like(values, dtype=torch.float64))
     total = torch.zeros(n, dtype=torch.float64).index_add_(0, inv, values.double())
     peak = torch.zeros(n, dtype=torch.float64).scatter_reduce_(0, inv, values.double(), "amax", include_self=False)
+    above = (values.double() > fraction * peak[inv]) if fraction > 0 else torch.ones_like(values, dtype=torch.bool)
+    count = torch.zeros(n, dtype=torch.float64).index_add_(0, inv, above.double())
     return uniq, count, total, peak
 
 
@@ -347,7 +350,7 @@ def compute_latent_stats(
         base = torch.from_numpy(info.base_cell >= 0)[rows] & torch.from_numpy(finite)[rows]
         if base.any():
             keys = srow[base] * n_local + local[base]
-            uniq, count, total, peak = _group(keys, v[base])
+            uniq, count, total, peak = _group(keys, v[base], cfg.active_fraction)
             u_srow, u_local = uniq // n_local, uniq % n_local
             score = _rank_key(cfg.ranking, count, total, peak, n_base_all[s0:s1][u_local])
             cell = torch.from_numpy(info.base_cell)[rows[base]]
@@ -451,7 +454,7 @@ def _stats_frame(acc: dict[str, torch.Tensor], selected: np.ndarray, n_image: in
 TOP_SCHEMA = {
     "latent": pl.Int32, "modality": pl.Utf8, "rank": pl.Int16, "sample_index": pl.Int32, "sample_id": pl.Utf8,
     "score": pl.Float64, "active_count": pl.Int32, "mean_activation": pl.Float32, "max_activation": pl.Float32,
-    "peak_position": pl.Int32, "grid_rows": pl.Int16, "grid_cols": pl.Int16,
+    "peak_position": pl.Int32, "grid_rows": pl.Int16, "grid_cols": pl.Int16, "active_threshold": pl.Float32,
     "patch_activations": pl.List(pl.Float32), "text_positions": pl.List(pl.Int32),
     "text_activations": pl.List(pl.Float32),
 }
@@ -521,7 +524,9 @@ def _assemble_top(slices: TokenSlices, layout: SampleLayout, top_img: _TopK, top
         }
         if modality == "image":
             peak = pay.argmax(axis=1)
-            cols |= {"active_count": (pay > 0).sum(1).astype(np.int32),
+            threshold = (cfg.active_fraction * pay.max(1)).astype(np.float32)
+            cols |= {"active_count": (pay > threshold[:, None]).sum(1).astype(np.int32),
+                     "active_threshold": threshold,
                      "mean_activation": (pay.sum(1) / np.maximum(layout.n_base[s], 1)).astype(np.float32),
                      "max_activation": pay.max(1).astype(np.float32),
                      "peak_position": np.array([tokens[si].base_position[c] for si, c in zip(s, peak)], np.int32),
@@ -536,11 +541,11 @@ def _assemble_top(slices: TokenSlices, layout: SampleLayout, top_img: _TopK, top
                      "mean_activation": np.array([a[e].mean() for a, e in zip(acts, elig)], np.float32),
                      "max_activation": np.array([a[p] for a, p in zip(acts, peaks)], np.float32),
                      "peak_position": np.array([tokens[si].text_position[p] for si, p in zip(s, peaks)], np.int32),
-                     "grid_rows": None, "grid_cols": None, "patch_activations": None,
+                     "grid_rows": None, "grid_cols": None, "active_threshold": None, "patch_activations": None,
                      "text_positions": [tokens[si].text_position.astype(np.int32) for si in s],
                      "text_activations": [a.astype(np.float32) for a in acts]}
         n = len(j)
-        frames.append(pl.DataFrame([_column(k, v, n) for k, v in cols.items()]))
+        frames.append(pl.DataFrame([_column(k, v, n) for k, v in cols.items()]).select(list(TOP_SCHEMA)))
     if not frames:
         return pl.DataFrame(schema=TOP_SCHEMA)
     return pl.concat(frames).select(list(TOP_SCHEMA)).sort(["latent", "modality", "rank"])

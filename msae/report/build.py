@@ -51,11 +51,13 @@ def census(concepts: pl.DataFrame, mode: str) -> dict[str, int]:
     return {label: int(counts.get(label, 0)) for label in LABELS}
 
 
-def concept_matches(proposed: str | None, truth: str | None) -> bool:
-    """A proposal names the ground-truth concept when it contains all of its words."""
+def concept_matches(proposed: str | None, truth: str | None, partial: bool = False) -> bool:
+    """A proposal names the ground-truth concept when it contains all of its words ("red circle" for
+    "red circle"); ``partial``: when it shares one ("circle" for "red circle")."""
     if not proposed or not truth:
         return False
-    return set(truth.lower().split()) <= set(proposed.lower().split())
+    t, p = set(truth.lower().split()), set(proposed.lower().split())
+    return bool(t & p) if partial else t <= p
 
 
 def ground_truth_eval(part: dict[str, Any], mode: str, labels: pl.Series | None = None) -> dict[str, Any] | None:
@@ -82,10 +84,11 @@ def ground_truth_eval(part: dict[str, Any], mode: str, labels: pl.Series | None 
     out["confusion"] = confusion(truth, df["modality"].to_list(), list(LABELS))
     has_v = df.filter(pl.col("gt_visual_concept").is_not_null())
     has_t = df.filter(pl.col("gt_textual_concept").is_not_null())
-    out["visual_concept_accuracy"] = float(np.mean([concept_matches(p, t) for p, t in zip(
-        has_v["visual_concept"], has_v["gt_visual_concept"])])) if has_v.height else None
-    out["textual_concept_accuracy"] = float(np.mean([concept_matches(p, t) for p, t in zip(
-        has_t["textual_concept"], has_t["gt_textual_concept"])])) if has_t.height else None
+    for kind, frame in (("visual", has_v), ("textual", has_t)):
+        pairs = list(zip(frame[f"{kind}_concept"], frame[f"gt_{kind}_concept"]))
+        out[f"{kind}_concept_accuracy"] = float(np.mean([concept_matches(p, t) for p, t in pairs])) if pairs else None
+        out[f"{kind}_concept_partial"] = (float(np.mean([concept_matches(p, t, partial=True) for p, t in pairs]))
+                                          if pairs else None)
     out["n_visual_grounded"], out["n_textual_grounded"] = has_v.height, has_t.height
     return out
 
@@ -282,9 +285,10 @@ def render_html(cfg: MsaeConfig, summary: dict[str, Any], examples: list[dict[st
             if g:
                 sec.append(f"<h3>layer {p['layer']}, width {p['width']}: confusion (rows truth)</h3>"
                            + _table(g["confusion"].to_dicts() if hasattr(g["confusion"], "to_dicts") else g["confusion"])
-                           + f"<p>visual concept accuracy {_fmt(g['visual_concept_accuracy'])} "
-                           f"(n={g['n_visual_grounded']}), textual {_fmt(g['textual_concept_accuracy'])} "
-                           f"(n={g['n_textual_grounded']})</p>")
+                           + f"<p>concept accuracy on grounded latents — visual: exact "
+                           f"{_fmt(g['visual_concept_accuracy'])}, shares a word {_fmt(g['visual_concept_partial'])} "
+                           f"(n={g['n_visual_grounded']}); textual: exact {_fmt(g['textual_concept_accuracy'])}, "
+                           f"shares a word {_fmt(g['textual_concept_partial'])} (n={g['n_textual_grounded']})</p>")
     sec.append("<h2>Threshold ablation</h2><img src='ablation.png' alt='ablation'>" + "".join(
         f"<h3>layer {p['layer']}, width {p['width']}</h3>" + _table(p["ablation"]) for p in parts))
     sec.append("<h2>Example latents</h2>" + _table(

@@ -58,7 +58,8 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
         for ex in evidence[lat].images[: cfg.explainer.examples]:
             img = load_image_rgb(ex.image_path)
             owners.append(lat)
-            blurred.append(blur_inactive(img, ex.patch_activations, radius=e.blur_radius))
+            blurred.append(blur_inactive(img, ex.patch_activations, radius=e.blur_radius,
+                                         threshold=ex.active_threshold))
             if ex.sample_id not in whole_ids:
                 whole_ids[ex.sample_id] = len(whole_imgs)
                 whole_imgs.append(img)
@@ -151,6 +152,12 @@ def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> t
     evidence = load_evidence(store, layer, width, sorted(set(proposals["latent"].to_list())))
     image_text, text = load_embedders(cfg)
     frame = score_partition(cfg, evidence, proposals, image_text, text)
+    if cfg.scores.judge == "openai":  # Delphi-style detection and fuzzing by an LLM judge
+        from msae.score.autointerp import judge_scores
+
+        first = proposals.filter(pl.col("prompting") == cfg.explainer.prompting[0])
+        judged = judge_scores(evidence, dict(zip(first["latent"].to_list(), first["textual_concept"].to_list())), cfg)
+        frame = frame.join(judged.with_columns(pl.col("latent").cast(frame.schema["latent"])), on="latent", how="left")
     store.write_parquet(frame, folder, CONCEPTS)
     meta: dict[str, Any] = {"concepts_path": store.url(folder, CONCEPTS),
                             "embedders": [m.name for m in image_text], "text_embedder": text.name}
