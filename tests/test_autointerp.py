@@ -13,7 +13,6 @@ import re
 import zlib
 
 import numpy as np
-import polars as pl
 import pytest
 
 from msae.config import MsaeConfig

@@ -132,13 +132,14 @@ class OpenAIExplainer:
         except ValueError as err:  # includes JSONDecodeError and UnicodeDecodeError
             raise _Retryable(f"malformed response body ({err.__class__.__name__})") from None
 
-    def _explain_one(self, request: ExplainRequest) -> ExplainAnswer:
-        version = self.version(request.kind, request.prompting)
+    def complete(self, messages: list[dict], label: str = "request", *, temperature: float | None = None,
+                 max_tokens: int | None = None) -> tuple[str | None, str]:
+        """Send one chat with the retry policy: (answer text, "") or (None, reason with the key masked)."""
         payload = json.dumps({
             "model": self.cfg.model,
-            "messages": build_messages(request, self.templates),
-            "temperature": self.cfg.temperature,
-            "max_tokens": self.cfg.max_tokens,
+            "messages": messages,
+            "temperature": self.cfg.temperature if temperature is None else temperature,
+            "max_tokens": self.cfg.max_tokens if max_tokens is None else max_tokens,
         }).encode()
         self._count("sent")
         reason = "not attempted"
@@ -146,7 +147,7 @@ class OpenAIExplainer:
             if attempt:
                 self._count("retried")
             try:
-                raw = self._post(payload)
+                return self._post(payload), ""
             except _Fatal as err:
                 reason = err.reason
                 break
@@ -156,27 +157,32 @@ class OpenAIExplainer:
                     delay = self.cfg.backoff_s * (2 ** attempt)
                     if err.retry_after is not None:
                         delay = max(delay, err.retry_after)
-                    log.debug("latent %d (%s/%s): %s; retrying in %.2fs", request.latent, request.kind,
-                              request.prompting, reason, delay)
+                    log.debug("%s: %s; retrying in %.2fs", label, reason, delay)
                     time.sleep(delay * (1 + 0.1 * random.random()))  # jitter: do not retry in lock-step
-                continue
-            concept, status = parse_concept(raw, request.kind, self.cfg.max_concept_chars)
-            answer = ExplainAnswer(request.latent, request.kind, request.prompting, concept, raw, status,
-                                   self.name, version)
-            self._count(status)
-            if self.cache is not None:
-                try:
-                    self.cache.put(answer, request)
-                except Exception as err:  # a cache write failure must not lose the answer in hand
-                    log.warning("explanation cache write failed for latent %d: %s", request.latent, err)
-            return answer
         key = os.environ.get(self.cfg.api_key_env)
         if key:
             reason = reason.replace(key, "***")
         self._count("error")
-        log.warning("latent %d (%s/%s) failed: %s", request.latent, request.kind, request.prompting, reason)
-        return ExplainAnswer(request.latent, request.kind, request.prompting, None, reason[:200], "error",
-                             self.name, version)
+        log.warning("%s failed: %s", label, reason)
+        return None, reason[:200]
+
+    def _explain_one(self, request: ExplainRequest) -> ExplainAnswer:
+        version = self.version(request.kind, request.prompting)
+        label = f"latent {request.latent} ({request.kind}/{request.prompting})"
+        raw, reason = self.complete(build_messages(request, self.templates), label)
+        if raw is None:
+            return ExplainAnswer(request.latent, request.kind, request.prompting, None, reason, "error",
+                                 self.name, version)
+        concept, status = parse_concept(raw, request.kind, self.cfg.max_concept_chars)
+        answer = ExplainAnswer(request.latent, request.kind, request.prompting, concept, raw, status,
+                               self.name, version)
+        self._count(status)
+        if self.cache is not None:
+            try:
+                self.cache.put(answer, request)
+            except Exception as err:  # a cache write failure must not lose the answer in hand
+                log.warning("explanation cache write failed for latent %d: %s", request.latent, err)
+        return answer
 
     def _safe_one(self, request: ExplainRequest) -> ExplainAnswer:
         try:

@@ -76,7 +76,6 @@ class TransformersExplainer:
         """Load the processor and model (idempotent)."""
         if self.model is not None:
             return
-        import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from msae.vlm.load import resolve_device, resolve_dtype

@@ -269,7 +269,7 @@ def compute_latent_stats(
     cfg: LatentsConfig,
     *,
     device: str = "cpu",
-    max_rows: int = 8192,
+    max_rows: int | None = None,
     progress: bool = False,
     checkpoint: str | None = None,
     checkpoint_every: int = 50,
@@ -284,6 +284,8 @@ def compute_latent_stats(
     """
     t0 = time.perf_counter()
     sae = sae.to(device).eval()
+    # encode chunks hold a dense [rows, width] pre-activation matrix: keep it near 256 MiB
+    max_rows = max_rows or int(min(8192, max(64, 2**26 // sae.num_latents)))
     slices = TokenSlices(tokens)
     layout = sample_layout(slices.lazy)
     if layout.n_rows != array.shape[0]:

@@ -44,10 +44,8 @@ wrong_length, error.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,7 +56,6 @@ import numpy as np
 import polars as pl
 
 from msae.config import ExplainerConfig, MsaeConfig
-from msae.explain.base import ExplainRequest
 from msae.explain.openai_backend import OpenAIExplainer
 from msae.explain.prompts import prompt_version
 from msae.latents.evidence import LatentEvidence, TextExample
@@ -339,39 +336,19 @@ class JudgeError(Exception):
 
 
 class JudgeClient(OpenAIExplainer):
-    """``chat(messages) -> str`` over OpenAIExplainer's request machinery, without copying it.
-
-    OpenAIExplainer has no public "send these messages" call: its retry loop lives in
-    ``_explain_one``, which builds the messages from an ExplainRequest and sends them with
-    ``_post``. ``chat`` runs ``_explain_one`` on an empty request and ``_post`` swaps in the
-    caller's messages (held per thread, so concurrent calls do not mix), so every attempt goes
-    through the same timeouts, retry/back-off policy, status handling and key redaction. The
-    explainer's parse of the answer is ignored; ``answer.raw`` is the judge's text.
-    """
+    """``chat(messages) -> str`` through OpenAIExplainer's ``complete``: the same timeouts, retry and
+    back-off policy, status handling and key redaction as the explainer."""
 
     def __init__(self, cfg: ExplainerConfig) -> None:
         super().__init__(cfg, cache=None)
         self.name = str(cfg.model)
-        self._local = threading.local()
-
-    def _post(self, payload: bytes) -> str:
-        messages = getattr(self._local, "messages", None)
-        if messages is not None:
-            body = json.loads(payload)
-            body["messages"] = messages
-            payload = json.dumps(body).encode()
-        return super()._post(payload)
 
     def chat(self, messages: list[dict], label: int = -1) -> str:
         """The judge's answer text; raises JudgeError when every attempt failed. label: for logs only."""
-        self._local.messages = messages
-        try:
-            answer = self._explain_one(ExplainRequest(label, "textual", "masked", ()))
-        finally:
-            self._local.messages = None
-        if answer.status == "error":
-            raise JudgeError(answer.raw)
-        return answer.raw
+        raw, reason = self.complete(messages, f"judge latent {label}")
+        if raw is None:
+            raise JudgeError(reason)
+        return raw
 
 
 def judge_client(cfg: MsaeConfig) -> JudgeClient:

@@ -48,7 +48,7 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
                     text_embedder: Any) -> pl.DataFrame:
     """Scores of every proposal row (pure given the embedders; see module doc)."""
     from msae.data.images import load_image_rgb
-    from msae.latents.render import blur_inactive, display_tokens, peak_window
+    from msae.latents.render import blur_inactive, peak_window
 
     e = cfg.embedders
     latents = sorted(set(proposals["latent"].to_list()) & set(evidence))
