@@ -22,8 +22,9 @@ Encoding: ``pre = relu(encoder(x - b_dec))`` then
 Decoding never builds a dense ``[batch, num_latents]`` matrix: it is one ``F.embedding_bag`` over
 the active rows of ``W_dec``. The encoder's backward is likewise sparse (:class:`_SparseEncoder`):
 only the selected latents receive gradient, so the weight gradient is a sparse ``[num_latents,
-batch]`` (``batch * k`` non-zeros) times ``[batch, d_in]`` product instead of a dense matmul. The
-encoder's forward stays one dense matmul: every pre-activation is needed to pick the top k.
+batch]`` (``batch * k`` non-zeros) times ``[batch, d_in]`` product instead of a dense matmul; the
+decoder's weight gradient is the same kind of product (:class:`_SparseDecoder`). The encoder's
+forward stays one dense matmul: every pre-activation is needed to pick the top k.
 """
 
 from __future__ import annotations
@@ -57,6 +58,17 @@ class ForwardOutput(NamedTuple):
     """AuxK loss (scalar; 0 when no dead mask is given or no latent is dead)."""
 
 
+def _sparse_t_mm(indices: Tensor, values: Tensor, dense: Tensor, num_rows: int) -> Tensor:
+    """``Sᵀ · dense`` for the sparse ``[batch, num_rows]`` matrix ``S[b, indices[b, j]] = values[b, j]``:
+    row ``r`` of the result sums ``values[b, j] * dense[b]`` over the slots with ``indices[b, j] == r``.
+    One sparse-dense matmul, ``[num_rows, d]``."""
+    batch, k = indices.shape
+    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+    s_t = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), values.reshape(-1),
+                                  (num_rows, batch), check_invariants=False)
+    return torch.sparse.mm(s_t, dense)
+
+
 class _SparseEncoder(torch.autograd.Function):
     """Selected pre-activations ``relu(W[idx] · x_in + b[idx])`` with a sparse backward.
 
@@ -82,15 +94,46 @@ class _SparseEncoder(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # grad_W = Gᵀ x_in with G the sparse [batch, num_latents] gradient: one sparse-dense
             # matmul (about 10x faster on CPU than materialising the [batch·k, d_in] products).
-            batch, k = indices.shape
-            rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
-            g_t = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), g.reshape(-1).to(weight.dtype),
-                                          (weight.shape[0], batch), check_invariants=False)
-            grad_w = torch.sparse.mm(g_t, x_in.to(weight.dtype))
+            grad_w = _sparse_t_mm(indices, g.to(weight.dtype), x_in.to(weight.dtype), weight.shape[0])
         if ctx.needs_input_grad[2]:
             grad_b = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
             grad_b.index_add_(0, indices.reshape(-1), g.reshape(-1).to(weight.dtype))
         return grad_x, grad_w, grad_b, None, None
+
+
+class _SparseDecoder(torch.autograd.Function):
+    """``sum_j values[:, j] * weight[indices[:, j]]`` (one ``embedding_bag``) with a sparse weight gradient.
+
+    ``embedding_bag``'s own backward sorts the ``batch * k`` indices and accumulates the weight
+    gradient slot by slot (on CPU about 2x the time of one sparse-dense matmul at k = 64, the AuxK
+    pass); here it is ``Sᵀ grad`` like the encoder's. The gradient of ``values`` is the one
+    ``embedding_bag``'s autograd computes, by the same ATen op.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, indices: Tensor, weight: Tensor):
+        ctx.save_for_backward(values, indices, weight)
+        return F.embedding_bag(indices, weight, mode="sum", per_sample_weights=values)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        values, indices, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        grad_values = grad_w = None
+        if ctx.needs_input_grad[0]:
+            batch, k = indices.shape
+            offsets = torch.arange(0, batch * k, k, device=indices.device)
+            bag_of_slot = torch.arange(batch, device=indices.device).repeat_interleave(k)
+            try:  # the op embedding_bag's own autograd uses (ATen-internal: guarded below)
+                grad_values = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                    grad, weight, indices.reshape(-1), offsets, bag_of_slot, 0, -1)  # mode 0: sum
+            except (AttributeError, RuntimeError):  # not in this torch build: the same dot products, chunked
+                grad_values = torch.cat([(weight[indices[i:i + 256]] * grad[i:i + 256, None]).sum(-1).reshape(-1)
+                                         for i in range(0, batch, 256)])
+            grad_values = grad_values.view(batch, k).to(values.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_w = _sparse_t_mm(indices, values.to(weight.dtype), grad, weight.shape[0])
+        return grad_values, None, grad_w
 
 
 class SparseCoder(nn.Module):
@@ -193,9 +236,15 @@ class SparseCoder(nn.Module):
 
     def decode(self, values: Tensor, indices: Tensor) -> Tensor:
         """``sum_j values[:, j] * W_dec[indices[:, j]] + b_dec`` via one ``embedding_bag``."""
+        return self._decode_rows(values, indices) + self.b_dec
+
+    def _decode_rows(self, values: Tensor, indices: Tensor) -> Tensor:
+        """``sum_j values[:, j] * W_dec[indices[:, j]]`` (no ``b_dec``)."""
         w = self.W_dec
-        y = F.embedding_bag(indices, w, mode="sum", per_sample_weights=values.to(w.dtype))
-        return y + self.b_dec
+        values = values.to(w.dtype)
+        if torch.is_grad_enabled() and (values.requires_grad or w.requires_grad):
+            return _SparseDecoder.apply(values, indices, w)
+        return F.embedding_bag(indices, w, mode="sum", per_sample_weights=values)
 
     # --- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, *, dead_mask: Tensor | None = None, auxk_k: int | None = None) -> ForwardOutput:
@@ -220,13 +269,15 @@ class SparseCoder(nn.Module):
             k_aux = auxk_k or x.shape[-1] // 2
             scale = min(n_dead / k_aux, 1.0)
             k_aux = min(k_aux, n_dead)
-            dead_pre = torch.where(dead_mask[None], enc.pre_acts, -torch.inf)
-            aux_vals, aux_idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
+            # top k_aux among the dead columns only (not a topk over all of them with the live ones at -inf)
+            dead_ids = dead_mask.nonzero().squeeze(1)
+            aux_vals, aux_pos = enc.pre_acts.index_select(1, dead_ids).topk(k_aux, dim=-1, sorted=False)
+            aux_idx = dead_ids[aux_pos]
             aux_vals = aux_vals.clamp_min(0)
             if torch.is_grad_enabled():  # unlike sparsify, AuxK also trains the encoder (as in the paper)
                 x_in = x.to(self.dtype) - self.b_dec
                 aux_vals = _SparseEncoder.apply(x_in, self.encoder.weight, self.encoder.bias, aux_vals, aux_idx)
-            e_hat = F.embedding_bag(aux_idx, self.W_dec, mode="sum", per_sample_weights=aux_vals.to(self.dtype))
+            e_hat = self._decode_rows(aux_vals, aux_idx)
             auxk = scale * (e_hat.float() - err.detach()).pow(2).sum() / total_variance
         return ForwardOutput(enc.values, enc.indices, recon, fvu, auxk)
 
