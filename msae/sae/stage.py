@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import torch
 
 from msae.config import MsaeConfig
 from msae.sae.evaluate import EvalResult, LossRecovered, evaluate_sae, loss_recovered
