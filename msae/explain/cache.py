@@ -27,6 +27,7 @@ import json
 import logging
 import re
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 
 from msae.explain.base import ExplainAnswer, ExplainRequest
@@ -134,3 +135,17 @@ class ExplanationCache:
         except FileNotFoundError:
             return 0
         return sum(1 for f in files if str(f).endswith(".json"))
+
+
+def split_cached(cache: ExplanationCache | None, requests: Sequence[ExplainRequest], explainer_name: str,
+                 version: Callable[[str, str], str]) -> tuple[list[ExplainAnswer | None], list[int]]:
+    """(answers with the cached ones filled in, indices of the requests still to ask)."""
+    answers: list[ExplainAnswer | None] = [None] * len(requests)
+    todo: list[int] = []
+    for i, request in enumerate(requests):
+        hit = cache.get(request, explainer_name, version(request.kind, request.prompting)) if cache else None
+        if hit is not None:
+            answers[i] = hit
+        else:
+            todo.append(i)
+    return answers, todo

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from msae.config import ExplainerConfig
 from msae.explain.base import ConceptKind, ExplainAnswer, ExplainRequest, Prompting
-from msae.explain.cache import ExplanationCache
+from msae.explain.cache import ExplanationCache, split_cached
 from msae.explain.parse import parse_concept
 from msae.explain.prompts import build_messages, load_templates
 
@@ -198,16 +198,7 @@ class OpenAIExplainer:
     def explain(self, requests: Sequence[ExplainRequest]) -> list[ExplainAnswer]:
         """One answer per request, in order; cached ones are not sent, the rest run concurrently."""
         self.stats = {}
-        answers: list[ExplainAnswer | None] = [None] * len(requests)
-        todo: list[int] = []
-        for i, request in enumerate(requests):
-            hit = None
-            if self.cache is not None:
-                hit = self.cache.get(request, self.name, self.version(request.kind, request.prompting))
-            if hit is not None:
-                answers[i] = hit
-            else:
-                todo.append(i)
+        answers, todo = split_cached(self.cache, requests, self.name, self.version)
         self._count("cached", len(requests) - len(todo))
         if todo:
             with ThreadPoolExecutor(max_workers=min(self.cfg.concurrency, len(todo)),

@@ -66,8 +66,13 @@ def prompt_version(template_text: str) -> str:
     return hashlib.sha256(norm.encode("utf-8")).hexdigest()[:12]
 
 
-def parse_template(text: str, name: str = "<template>", source: str = "builtin") -> PromptTemplate:
-    """Split a template file into its sections; every section must be present exactly once."""
+EXPLAINER_PLACEHOLDERS = ("index", "n", "text")
+
+
+def parse_sections(text: str, name: str, placeholders: tuple[str, ...] = EXPLAINER_PLACEHOLDERS) -> dict[str, str]:
+    """Split a ``[[section]]`` template file into its sections (each present exactly once, non-empty)
+    and check that every ``$placeholder`` in them is one of ``placeholders``. Shared by the
+    explainer prompts and the judge prompts (msae.score.autointerp)."""
     text = text.replace("\r\n", "\n")
     markers = list(_MARKER.finditer(text))
     found: dict[str, str] = {}
@@ -82,13 +87,20 @@ def parse_template(text: str, name: str = "<template>", source: str = "builtin")
     missing = [s for s in SECTIONS if not found.get(s, "").strip()]
     if missing:
         raise TemplateError(f"{name}: missing or empty section(s) {', '.join(f'[[{s}]]' for s in missing)}")
+    sample = {p: 1 if p in ("index", "n") else "" for p in placeholders}
     for key, body in found.items():
         try:
-            Template(body).substitute(index=1, n=1, text="")
+            Template(body).substitute(sample)
         except (KeyError, ValueError) as err:
             raise TemplateError(f"{name}: section [[{key}]] has a bad placeholder ({err}); "
-                                "allowed: $index, $n, $text") from None
-    return PromptTemplate(name=name, source=source, text=text, **found)
+                                f"allowed: {', '.join('$' + p for p in placeholders)}") from None
+    return found
+
+
+def parse_template(text: str, name: str = "<template>", source: str = "builtin") -> PromptTemplate:
+    """Split an explainer template file into its sections; every section must be present exactly once."""
+    text = text.replace("\r\n", "\n")
+    return PromptTemplate(name=name, source=source, text=text, **parse_sections(text, name))
 
 
 def _candidates(kind: str, prompting: str) -> tuple[str, str]:

@@ -9,6 +9,7 @@ Output ``<store>/concepts/layer=<L>/width=<W>/proposals.parquet`` (columns in ``
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -100,9 +101,10 @@ def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig) -> list[Expla
     from msae.latents.render import display_tokens, mark_peak, mask_inactive
 
     requests = []
+    image = functools.lru_cache(maxsize=512)(load_image_rgb)  # an image often tops several latents
     for latent, ev in sorted(evidence.items()):
         images = ev.images[: cfg.examples]
-        loaded = [load_image_rgb(ex.image_path) for ex in images]
+        loaded = [image(ex.image_path) for ex in images]
         for prompting in cfg.prompting:
             examples = tuple(
                 ExplainExample(ex.sample_id,

@@ -17,7 +17,7 @@ from typing import Any
 
 from msae.config import ExplainerConfig
 from msae.explain.base import ConceptKind, ExplainAnswer, ExplainRequest, Prompting
-from msae.explain.cache import ExplanationCache
+from msae.explain.cache import ExplanationCache, split_cached
 from msae.explain.parse import parse_concept
 from msae.explain.prompts import build_parts, load_templates
 
@@ -153,16 +153,7 @@ class TransformersExplainer:
     def explain(self, requests: Sequence[ExplainRequest]) -> list[ExplainAnswer]:
         """One answer per request, in order; cache hits skip generation, the rest run in batches."""
         self.stats = {}
-        answers: list[ExplainAnswer | None] = [None] * len(requests)
-        todo: list[int] = []
-        for i, request in enumerate(requests):
-            hit = None
-            if self.cache is not None:
-                hit = self.cache.get(request, self.name, self.version(request.kind, request.prompting))
-            if hit is not None:
-                answers[i] = hit
-            else:
-                todo.append(i)
+        answers, todo = split_cached(self.cache, requests, self.name, self.version)
         self.stats["cached"] = len(requests) - len(todo)
         if todo:
             try:

@@ -93,13 +93,15 @@ def ground_truth_eval(part: dict[str, Any], mode: str, labels: pl.Series | None 
     return out
 
 
-def masked_vs_whole(concepts: pl.DataFrame, cfg: MsaeConfig) -> dict[str, Any] | None:
-    """Visual quality of both modes on the same latents (both kept a concept): paired gain + CI."""
+def masked_vs_whole(concepts: pl.DataFrame, cfg: MsaeConfig, on: tuple[str, ...] = ("latent",)) -> dict[str, Any] | None:
+    """Visual quality of both modes on the same latents (both kept a concept): paired gain + CI.
+    ``on``: what identifies a latent (add the partition when pooling several SAEs)."""
     from msae.score.metrics import bootstrap_ci, paired_relative_gain
 
-    wide = (concepts.filter(pl.col("prompting") == "masked").select("latent", pl.col("visual_score").alias("m"))
-            .join(concepts.filter(pl.col("prompting") == "whole").select("latent", pl.col("visual_score").alias("w")),
-                  on="latent").drop_nulls())
+    def mode(name: str, alias: str) -> pl.DataFrame:
+        return concepts.filter(pl.col("prompting") == name).select(*on, pl.col("visual_score").alias(alias))
+
+    wide = mode("masked", "m").join(mode("whole", "w"), on=list(on)).drop_nulls()
     if wide.height < 2:
         return None
     m, w = wide["m"].to_numpy(), wide["w"].to_numpy()
@@ -143,11 +145,9 @@ def summarise(cfg: MsaeConfig, parts: list[dict[str, Any]]) -> dict[str, Any]:
             "masked_vs_whole": masked_vs_whole(c, cfg) if {"masked", "whole"} <= set(cfg.explainer.prompting) else None,
         }
         out["partitions"].append(entry)
-    pooled = pl.concat([p["concepts"] for p in parts], how="diagonal_relaxed")
-    out["pooled_masked_vs_whole"] = masked_vs_whole(
-        pooled.with_columns((pl.col("latent").cast(pl.Utf8)).alias("latent_key")).with_columns(
-            pl.Series("latent", np.repeat(np.arange(len(parts)), [p["concepts"].height for p in parts])
-                      * 10_000_000 + pooled["latent"].to_numpy())), cfg) if len(parts) else None
+    pooled = pl.concat([p["concepts"].with_columns(pl.lit(p["key"]).alias("partition")) for p in parts],
+                       how="diagonal_relaxed") if parts else None
+    out["pooled_masked_vs_whole"] = masked_vs_whole(pooled, cfg, on=("partition", "latent")) if parts else None
     return out
 
 

@@ -57,14 +57,14 @@ import polars as pl
 
 from msae.config import ExplainerConfig, MsaeConfig
 from msae.explain.openai_backend import OpenAIExplainer
-from msae.explain.prompts import prompt_version
+from msae.explain.prompts import parse_sections, prompt_version
 from msae.latents.evidence import LatentEvidence, TextExample
 from msae.latents.render import display_tokens, join_tokens, mark_active
 
 log = logging.getLogger(__name__)
 
 TASKS = ("detection", "fuzzing")
-SECTIONS = ("instructions", "example", "closing")
+JUDGE_PLACEHOLDERS = ("concept", "n", "index", "text")
 CONTEXT_TOKENS = 32
 """Default tokens kept each side of a text's peak (Delphi shows 32-token contexts)."""
 MIN_MAX_TOKENS = 256
@@ -77,7 +77,6 @@ COLUMNS: dict[str, pl.DataType] = {
 }
 
 _TASK_SEED = {"detection": 1, "fuzzing": 2}
-_MARKER = re.compile(r"^\[\[(\w+)\]\][ \t]*$", re.MULTILINE)
 
 
 # --- templates --------------------------------------------------------------------------------------
@@ -104,22 +103,7 @@ class JudgeTemplate:
 
 def parse_judge_template(text: str, name: str) -> JudgeTemplate:
     text = text.replace("\r\n", "\n")
-    markers = list(_MARKER.finditer(text))
-    found: dict[str, str] = {}
-    for i, m in enumerate(markers):
-        end = markers[i + 1].start() if i + 1 < len(markers) else len(text)
-        if m.group(1) not in SECTIONS or m.group(1) in found:
-            raise ValueError(f"{name}: unexpected or repeated section [[{m.group(1)}]]")
-        found[m.group(1)] = text[m.end():end].strip("\n")
-    if any(not found.get(s, "").strip() for s in SECTIONS):
-        raise ValueError(f"{name}: needs non-empty sections {', '.join(f'[[{s}]]' for s in SECTIONS)}")
-    for key, body in found.items():
-        try:
-            Template(body).substitute(concept="", n=1, index=1, text="")
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"{name}: [[{key}]] has a bad placeholder ({err}); allowed: "
-                             "$concept, $n, $index, $text") from None
-    return JudgeTemplate(name=name, text=text, **found)
+    return JudgeTemplate(name=name, text=text, **parse_sections(text, name, JUDGE_PLACEHOLDERS))
 
 
 def load_judge_templates() -> dict[str, JudgeTemplate]:

@@ -9,6 +9,7 @@ annotations, ``ground_truth.parquet`` beside it holds the activation-only ground
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from typing import Any
@@ -24,6 +25,10 @@ from msae.score.quality import (auroc, candidate_concepts, concept_category, con
 log = logging.getLogger(__name__)
 
 CONCEPTS = "concepts.parquet"
+IMAGE_CHUNK = 256
+"""Images blurred/loaded and embedded per step."""
+IMAGE_CACHE = 512
+"""Decoded images kept (an image is among several latents' top images)."""
 GROUND_TRUTH = "ground_truth.parquet"
 
 
@@ -40,6 +45,10 @@ def load_embedders(cfg: MsaeConfig) -> tuple[list[Any], Any]:
     return image_text, text
 
 
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, 1), np.float32)
+
+
 def _slug(name: str) -> str:
     return name.rstrip("/").split("/")[-1].replace("-", "_").replace(".", "_")
 
@@ -52,22 +61,28 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
 
     e = cfg.embedders
     latents = sorted(set(proposals["latent"].to_list()) & set(evidence))
-    # the scorer's view of every top image: non-active patches blurred
-    owners, blurred, whole_ids, whole_imgs = [], [], {}, []
-    for lat in latents:
-        for ex in evidence[lat].images[: cfg.explainer.examples]:
-            img = load_image_rgb(ex.image_path)
-            owners.append(lat)
-            blurred.append(blur_inactive(img, ex.patch_activations, radius=e.blur_radius,
-                                         threshold=ex.active_threshold))
-            if ex.sample_id not in whole_ids:
-                whole_ids[ex.sample_id] = len(whole_imgs)
-                whole_imgs.append(img)
-    owners_a = np.array(owners)
-    image_sample = [ex.sample_id for lat in latents for ex in evidence[lat].images[: cfg.explainer.examples]]
+    # the scorer's view of every top image (non-active patches blurred) and each sample's whole image,
+    # embedded in chunks so that only embeddings, never all the images, are held at once
+    top = [(lat, ex) for lat in latents for ex in evidence[lat].images[: cfg.explainer.examples]]
+    whole_ids: dict[str, int] = {}
+    whole_paths: list[str] = []
+    for _, ex in top:
+        if ex.sample_id not in whole_ids:
+            whole_ids[ex.sample_id] = len(whole_paths)
+            whole_paths.append(ex.image_path)
+    owners_a = np.array([lat for lat, _ in top])
+    image_whole_a = np.array([whole_ids[ex.sample_id] for _, ex in top], dtype=np.int64)
+    load = functools.lru_cache(maxsize=IMAGE_CACHE)(load_image_rgb)  # neighbours in `top` share images
+    blurred_emb: dict[str, list[np.ndarray]] = {m.name: [] for m in image_text}
+    for i in range(0, len(top), IMAGE_CHUNK):
+        views = [blur_inactive(load(ex.image_path), ex.patch_activations, radius=e.blur_radius,
+                               threshold=ex.active_threshold) for _, ex in top[i: i + IMAGE_CHUNK]]
+        for m in image_text:
+            blurred_emb[m.name].append(m.embed_images(views))
+    whole_emb = _concat([image_text[0].embed_images([load(path) for path in whole_paths[i: i + IMAGE_CHUNK]])
+                         for i in range(0, len(whole_paths), IMAGE_CHUNK)])
     candidates = candidate_concepts(proposals["visual_concept"].to_list())
-    emb = {m.name: (m.embed_images(blurred), m.embed_texts(candidates), m.logit_scale) for m in image_text}
-    whole_emb = image_text[0].embed_images(whole_imgs)
+    emb = {m.name: (_concat(blurred_emb[m.name]), m.embed_texts(candidates), m.logit_scale) for m in image_text}
     cand_idx = {c: i for i, c in enumerate(candidates)}
 
     # textual: ±window tokens around each top text's peak
@@ -77,7 +92,7 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
             win_owner.append(lat)
             windows.append(peak_window(t.pieces, t.activations, size=e.text_window))
             win_sample.append(t.sample_id)
-    win_owner_a = np.array(win_owner)
+    win_owner_a, win_sample_a = np.array(win_owner), np.array(win_sample, dtype=object)
     win_emb = text_embedder.embed_texts(windows) if windows else np.zeros((0, 1), np.float32)
     t_concepts = candidate_concepts(proposals["textual_concept"].to_list())
     all_texts = list(dict.fromkeys(candidates + t_concepts))
@@ -111,34 +126,36 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
         out["concept_cosine"] = float(text_vec[v] @ text_vec[t]) if v and t else None
         out["concepts_agree"] = concepts_agree(v, t, out["concept_cosine"], cfg.scores.agreement)
         out["visual_category"] = concept_category(v)
-        out |= _detection(lat, v, t, evidence, image_sample, owners_a, whole_ids, whole_emb, emb[first][1],
-                          cand_idx, win_owner_a, win_sample, win_emb, text_vec, cfg.scores.detection_negatives, rng)
+        out |= _detection(lat, v, t, evidence, owners_a, image_whole_a, whole_ids, whole_emb, emb[first][1],
+                          cand_idx, win_owner_a, win_sample_a, win_emb, text_vec, cfg.scores.detection_negatives,
+                          rng)
         rows.append(out)
     frame = pl.DataFrame(rows, infer_schema_length=None)
     return frame.with_columns(classify_frame(frame, cfg.scores.visual_threshold,
                                              cfg.scores.textual_threshold).alias("modality"))
 
 
-def _detection(lat: int, v: str | None, t: str | None, evidence: dict, image_sample: list[str],
-               owners: np.ndarray, whole_ids: dict, whole_emb: np.ndarray, concept_emb: np.ndarray,
-               cand_idx: dict, win_owner: np.ndarray, win_sample: list[str], win_emb: np.ndarray,
-               text_vec: dict, n_neg: int, rng: np.random.Generator) -> dict[str, float | None]:
+def _detection(lat: int, v: str | None, t: str | None, evidence: dict, owners: np.ndarray, image_whole: np.ndarray,
+               whole_ids: dict, whole_emb: np.ndarray, concept_emb: np.ndarray, cand_idx: dict,
+               win_owner: np.ndarray, win_sample: np.ndarray, win_emb: np.ndarray, text_vec: dict, n_neg: int,
+               rng: np.random.Generator) -> dict[str, float | None]:
     """Embedding detection AUROCs: own top examples vs other latents' top examples (not among own)."""
     out: dict[str, float | None] = {"visual_detection": None, "textual_detection": None}
     if v is not None and len(owners):
-        own_samples = {ex.sample_id for ex in evidence[lat].images}
-        pos = [whole_ids[s] for s in own_samples if s in whole_ids]
-        others = sorted({whole_ids[s] for s, o in zip(image_sample, owners) if o != lat and s not in own_samples})
-        neg = rng.choice(others, size=min(n_neg, len(others)), replace=False) if others else []
-        c = concept_emb[cand_idx[v]]
-        out["visual_detection"] = auroc(whole_emb[pos] @ c, whole_emb[list(neg)] @ c) if len(neg) else None
+        own = np.array(sorted({whole_ids[ex.sample_id] for ex in evidence[lat].images if ex.sample_id in whole_ids}),
+                       dtype=np.int64)
+        others = np.setdiff1d(image_whole[owners != lat], own)  # sorted, unique whole-image rows
+        if len(others):
+            neg = rng.choice(others, size=min(n_neg, len(others)), replace=False)
+            c = concept_emb[cand_idx[v]]
+            out["visual_detection"] = auroc(whole_emb[own] @ c, whole_emb[neg] @ c)
     if t is not None and len(win_owner):
-        own_samples = {ex.sample_id for ex in evidence[lat].texts}
-        pos_i = np.flatnonzero(win_owner == lat)
-        others_i = [i for i, (s, o) in enumerate(zip(win_sample, win_owner)) if o != lat and s not in own_samples]
-        neg_i = rng.choice(others_i, size=min(n_neg, len(others_i)), replace=False) if others_i else []
-        c = text_vec[t]
-        out["textual_detection"] = auroc(win_emb[pos_i] @ c, win_emb[list(neg_i)] @ c) if len(neg_i) else None
+        own_samples = [ex.sample_id for ex in evidence[lat].texts]
+        others_i = np.flatnonzero((win_owner != lat) & ~np.isin(win_sample, own_samples))
+        if len(others_i):
+            neg_i = rng.choice(others_i, size=min(n_neg, len(others_i)), replace=False)
+            c = text_vec[t]
+            out["textual_detection"] = auroc(win_emb[win_owner == lat] @ c, win_emb[neg_i] @ c)
     return out
 
 
