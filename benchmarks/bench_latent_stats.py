@@ -50,6 +50,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from results_file import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TOKEN_SCHEMA_COLUMNS = ("sample_index", "sample_id", "position", "token", "modality", "view", "grid_row",
                         "grid_col", "role")
@@ -390,8 +391,7 @@ def main() -> None:
     print(reading(results, args.width, args.top_k))
     print(f"\nwhole run {total:.0f} s; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.write:
-        write_section(ROOT / "benchmarks" / "RESULTS.md",
-                      section_text(args, table, flat, check, total, results))
+        write_section(section_text(args, table, flat, check, total, results))
 
 
 def _mib(m: dict) -> float:
@@ -548,12 +548,6 @@ Synthetic, seeded inputs: a LLaVA-NeXT-like token table (12 template/special tok
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the '## Latent statistics' section, leaving every other section alone."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Latent statistics\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 if __name__ == "__main__":

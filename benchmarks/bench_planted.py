@@ -35,6 +35,7 @@ from msae.sae.formats import load_sae
 from msae.sae.planted import feature_recovery, make_planted, modality_recovery, write_zarr
 from msae.sae.stage import fit_sae
 from msae.store import Store
+from results_file import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Planted features"
@@ -120,11 +121,6 @@ def report(res: dict[str, Any], command: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = RESULTS) -> None:
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 def main() -> None:

@@ -55,6 +55,7 @@ from msae.sae.formats import load_sae  # noqa: E402
 from msae.sae.model import SparseCoder  # noqa: E402
 from msae.sae.planted import feature_recovery, make_planted, write_zarr  # noqa: E402
 from msae.sae.train import default_lr, train_rows, train_sae  # noqa: E402
+from results_file import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 DEVICE = "cpu"  # set from --device in main()
@@ -336,7 +337,7 @@ def main() -> None:
     text = header + "\n" + "\n\n".join(sections) + "\n\n" + NOTES
     print(text)
     if args.write:
-        write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+        write_section(text)
 
 
 NOTES = """Where the time goes (`--profile`, 100 steps at width 4096, d 512, k 32, 1 thread, 2026-11-29): the
@@ -375,12 +376,6 @@ SAELens ends at a lower FVU than msae and sparsify.
 """
 
 
-def write_section(path: Path, text: str) -> None:
-    """Replace (or append) the '## SAE training' section, leaving every other section alone."""
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## SAE training\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
 
 
 if __name__ == "__main__":

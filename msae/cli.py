@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         print(files)
         return 0
     if args.command == "train-vlm":
-        from msae.vlm.train import main as train
+        from msae.embedded.vlm_train import main as train
 
         return train(rest) or 0
     parser.error(f"unknown command {args.command}")

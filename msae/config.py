@@ -223,11 +223,67 @@ class LatentsConfig(_Section):
         return self
 
 
+def _default_stop_words() -> list[str]:
+    from msae.explain.combine import DEFAULT_STOP_WORDS
+
+    return list(DEFAULT_STOP_WORDS)
+
+
+class TransformersExplainerConfig(_Section):
+    """How the transformers backend asks its VLM (see msae.explain.transformers_backend)."""
+
+    mode: Literal["grid", "per_image"] = Field(
+        "grid",
+        description="grid: one prompt holding all top images and the instruction templates (large chat VLMs); "
+        "per_image: ask `question` of each top image alone and combine the answers by a fixed rule "
+        "(msae.explain.combine) - for small VLMs such as the embedded one, which cannot follow long prompts.",
+    )
+    question: str = Field(
+        "what is shown ?", description="per_image: the question asked of every top image (masked or whole)."
+    )
+    max_new_tokens: int = Field(8, gt=0, description="per_image: answer length cap (grid uses explainer.max_tokens).")
+    min_support: int = Field(
+        3, ge=1, description="per_image: an n-gram must occur in at least min(min_support, "
+        "ceil(min_support_fraction × answers)) answers to be the concept.")
+    min_support_fraction: float = Field(
+        0.6, gt=0, le=1, description="per_image: the support needed when there are fewer answers (see min_support)."
+    )
+    max_ngram: int = Field(3, ge=1, le=8, description="per_image: longest concept, in words.")
+    stop_words: list[str] = Field(
+        default_factory=_default_stop_words,
+        description="per_image: words that never make (or sit inside) a visual concept; punctuation never does.",
+    )
+    textual_stop_words: list[str] = Field(
+        default_factory=list,
+        description="per_image: the same for textual concepts (combined from the top texts' peak words); empty "
+        "because a latent firing on 'the' is textual in the ground truth.",
+    )
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, v: str) -> str:
+        v = " ".join(v.split())
+        if not v:
+            raise ValueError("explainer.transformers.question is empty: give the question asked of each image, "
+                             "e.g. 'what is shown ?'")
+        return v
+
+    @field_validator("stop_words", "textual_stop_words")
+    @classmethod
+    def _stop_words(cls, v: list[str]) -> list[str]:
+        out = [w.strip().lower() for w in v]
+        if any(not w or len(w.split()) > 1 for w in out):
+            raise ValueError(f"stop words must be single non-empty words, got {v}")
+        return sorted(set(out))
+
+
 class ExplainerConfig(_Section):
     """Who proposes a concept per latent (the `concepts` stage)."""
 
     backend: Literal["dissection", "openai", "transformers"] = "dissection"
-    model: str | None = Field(None, description="openai/transformers: model name or id.")
+    model: str | None = Field(
+        None, description="openai: model name; transformers: hub id or folder, None: the analysed VLM itself "
+        "(model.name_or_path, with its revision, dtype and trust_remote_code).")
     base_url: str | None = Field(None, description="openai: server URL, e.g. http://localhost:8000/v1.")
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="openai: name of the env var holding the key (the key is never stored)."
@@ -248,13 +304,25 @@ class ExplainerConfig(_Section):
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(128, gt=0, description="openai/transformers: answer length cap.")
     device: str = Field("auto", description="transformers: auto, cpu, cuda, …")
-    batch_size: int = Field(4, gt=0, description="transformers: prompts per generate() call.")
+    batch_size: int = Field(
+        4, gt=0, description="transformers: prompts (grid) or images (per_image) per generate() call.")
     min_iou: float = Field(
         0.2, ge=0, le=1, description="dissection: below this best IoU the answer is 'No visual concept'."
     )
     min_enrichment: float = Field(
         2.0, ge=1, description="dissection: below this peak-word enrichment the answer is 'No textual concept'."
     )
+    transformers: TransformersExplainerConfig = Field(
+        default_factory=TransformersExplainerConfig, description="transformers: grid or per-image prompting."
+    )
+
+    @model_validator(mode="after")
+    def _greedy_per_image(self) -> "ExplainerConfig":
+        if self.transformers.mode == "per_image" and self.temperature > 0:
+            raise ValueError(
+                f"explainer.temperature is {self.temperature}, but explainer.transformers.mode 'per_image' decodes "
+                "greedily (its answers are combined by a deterministic rule): set explainer.temperature: 0")
+        return self
 
 
 class EmbeddersConfig(_Section):
@@ -326,18 +394,46 @@ class ScoresConfig(_Section):
     """How concepts are scored and latents labelled (the `concept_scores` and `report` stages)."""
 
     visual_threshold: float = Field(
-        0.5, ge=0, le=1, description="A visual concept is aligned when its visual score (the softmax "
-        "probability of the latent's own concept, mean over its top images) is at least this.")
+        0.75, ge=0, le=1, description="A visual concept is aligned when its visual score (AUROC of the "
+        "concept's image-text cosine on the latent's top views vs control views: random images with the same "
+        "masks; 0.5 = chance) is at least this. Profiles choose it on a calibration world, never the evaluated one.")
     textual_threshold: float = Field(
-        0.5, ge=-1, le=1, description="A textual concept is aligned when its textual score (mean cosine with "
-        "the peak windows) is at least this.")
+        0.75, ge=0, le=1, description="A textual concept is aligned when its textual score (AUROC of the "
+        "concept's cosine with the latent's peak windows vs windows around random tokens of other samples; "
+        "0.5 = chance) is at least this. Profiles choose it on a calibration world, never the evaluated one.")
+    visual_controls: int = Field(
+        20, ge=2, description="Visual score: control views per latent (random dataset images, not among its top "
+        "images, each with one of its top images' patch masks transplanted and blurred the same way).")
+    textual_controls: int = Field(
+        50, ge=1, description="Textual score: control windows per latent (around random eligible text tokens of "
+        "samples other than its top texts').")
+    baseline_draws: int = Field(
+        30, ge=1, description="Random-image / random-window baselines (visual_score_random, textual_score_random): "
+        "draws of random stand-ins for the latent's top examples, scored like them and averaged.")
     agreement: float = Field(
         0.8, ge=-1, le=1, description="Visual and textual concepts agree (-> multimodal) when equal, one contains "
         "the other's words, or their text embeddings have at least this cosine.")
     ablation: list[float] = Field(
         default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
-        description="Thresholds swept in the report (both thresholds set to each value).")
+        description="Thresholds swept in the report (both thresholds set to each value; AUROC scale, 0.5 = chance).")
     gt_auroc: float = Field(0.9, gt=0.5, le=1, description="Ground truth: AUROC a latent must reach to be grounded.")
+    gt_precision: float = Field(
+        0.8, gt=0, le=1, description="Ground truth: a concept is also grounded when at least this share of the "
+        "latent's strong tokens (see gt_strong_fraction) show it (with gt_min_firing and gt_min_lift).")
+    gt_strong_fraction: float = Field(
+        0.5, gt=0, le=1, description="Ground truth: a token is a strong activation of a latent when its activation "
+        "is at least this fraction of the latent's largest activation in that modality.")
+    gt_min_firing: int = Field(
+        20, ge=1, description="Ground truth: strong tokens a latent needs in a modality for the precision rule.")
+    gt_min_lift: float = Field(
+        2.0, ge=1, description="Ground truth: the precision rule also needs precision ≥ this × the concept's share "
+        "of the population (background covers most patches: any latent's strong patches are mostly background).")
+    gt_min_positive: int = Field(
+        20, ge=1, description="Ground truth: a concept is measured only with at least this many positive and "
+        "negative tokens.")
+    gt_census_aurocs: list[float] = Field(
+        default_factory=lambda: [0.8, 0.9, 0.95],
+        description="Ground truth: AUROC thresholds at which the report also shows the ground-truth census.")
     bootstrap: int = Field(1000, gt=0, description="Bootstrap resamples for confidence intervals.")
     seed: int = 0
     detection_negatives: int = Field(
@@ -349,6 +445,48 @@ class ScoresConfig(_Section):
     judge_base_url: str | None = Field(None, description="judge: server URL; None: explainer.base_url.")
     judge_examples: int = Field(
         10, ge=2, description="judge: examples per prompt (half activating across quantiles, half not).")
+
+
+class ControlsConfig(_Section):
+    """Controls run beside the pipeline (the report shows them next to the real results)."""
+
+    random_sae: bool = Field(
+        True, description="Run latent stats, concepts, scores and ground truth on a random-weight SAE of each "
+        "trained SAE's shape (msae.controls); its labels should collapse to the prior.")
+    seed: int = Field(0, description="Seed of the random SAEs.")
+    latents: int | None = Field(
+        128, gt=0, description="Latents of each random SAE explained (a seeded sample; None: all).")
+    dissection_oracle: bool = Field(
+        True, description="Where annotations exist, also explain the real SAE's latents with the dissection backend "
+        "(it reads the ground-truth masks: an oracle row in the report, not a method).")
+
+    @property
+    def enabled(self) -> bool:
+        return self.random_sae or self.dissection_oracle
+
+
+class WorldSeedsConfig(_Section):
+    """The synthetic world's disjoint seeds: what trained the VLM, what calibrates, what evaluates.
+
+    Thresholds and rules are chosen on the calibration world (``msae calibrate``) and applied
+    unchanged to the evaluation world, which is the embedded run's ``dataset.shapes.seed``.
+    """
+
+    vlm_training: list[int] = Field([0, 2, 3], description="World seeds the embedded VLM was trained on.")
+    vlm_validation: list[int] = Field([98, 99], description="World seeds that watched and evaluated its training.")
+    calibration: int = Field(4321, description="World seed on which thresholds and rules are chosen.")
+    evaluation: int = Field(1234, description="World seed of the embedded run; nothing is tuned on it.")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "WorldSeedsConfig":
+        groups = {"vlm_training": set(self.vlm_training), "vlm_validation": set(self.vlm_validation),
+                  "calibration": {self.calibration}, "evaluation": {self.evaluation}}
+        names = list(groups)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if groups[a] & groups[b]:
+                    raise ValueError(f"world_seeds.{a} and world_seeds.{b} share seeds {sorted(groups[a] & groups[b])}")
+        return self
 
 
 class MsaeConfig(_Section):
@@ -368,6 +506,19 @@ class MsaeConfig(_Section):
     checkpoints: CheckpointsConfig | None = Field(
         None, description="Watch for new VLM checkpoints and re-run on each (see docs/paper_scale.md); None: off."
     )
+    controls: ControlsConfig = Field(default_factory=ControlsConfig)
+    world_seeds: WorldSeedsConfig | None = Field(
+        None, description="shapes only: the world's training / calibration / evaluation seeds (checked disjoint).")
+
+    @model_validator(mode="after")
+    def _world_seed_role(self) -> "MsaeConfig":
+        ws, shapes = self.world_seeds, self.dataset.shapes
+        if ws is None or shapes is None:
+            return self
+        if shapes.seed not in (ws.calibration, ws.evaluation):
+            raise ValueError(f"dataset.shapes.seed {shapes.seed} is neither world_seeds.evaluation ({ws.evaluation}) "
+                             f"nor world_seeds.calibration ({ws.calibration})")
+        return self
 
     @field_validator("layers")
     @classmethod

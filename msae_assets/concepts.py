@@ -13,7 +13,7 @@ def concepts_code_version(cfg: MsaeConfig) -> str:
     """Explainer settings that shape answers plus the prompt templates' text: a prompt edit reruns this."""
     from msae.explain.stage import explainer_fingerprint
 
-    return code_version("concepts", explainer_fingerprint(cfg.explainer))
+    return code_version("concepts", explainer_fingerprint(cfg.explainer, cfg.model))
 
 
 def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:

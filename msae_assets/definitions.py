@@ -9,6 +9,7 @@ from msae_assets.activations import build_activations_asset
 from msae_assets.checkpoints import build_checkpoint_assets
 from msae_assets.concept_scores import build_concept_scores_asset
 from msae_assets.concepts import build_concepts_asset
+from msae_assets.controls import build_controls_asset
 from msae_assets.latent_stats import build_latent_stats_asset
 from msae_assets.report import build_report_asset
 from msae_assets.sae import build_sae_asset
@@ -19,10 +20,13 @@ from msae_resources.vlm import VLMResource
 
 def build_definitions(cfg: MsaeConfig) -> dg.Definitions:
     """Every asset, partition and resource for one config; tests call this with their own."""
+    stages = [build_latent_stats_asset(cfg), build_concepts_asset(cfg), build_concept_scores_asset(cfg)]
+    controls = []
+    if cfg.controls.enabled:
+        controls.append(build_controls_asset(cfg, [next(iter(a.code_versions_by_key.values())) for a in stages]))
     return dg.Definitions(
-        assets=[build_vqa_samples_asset(cfg), build_activations_asset(cfg), build_sae_asset(cfg),
-                build_latent_stats_asset(cfg), build_concepts_asset(cfg), build_concept_scores_asset(cfg),
-                build_report_asset(cfg), *build_checkpoint_assets(cfg)],
+        assets=[build_vqa_samples_asset(cfg), build_activations_asset(cfg), build_sae_asset(cfg), *stages,
+                *controls, build_report_asset(cfg), *build_checkpoint_assets(cfg)],
         resources={"vlm": VLMResource.from_config(cfg.model, cfg.checkpoints)},
         sensors=build_checkpoint_sensors(cfg),
     )

@@ -18,8 +18,9 @@ from pathlib import Path
 from msae.config import PROJECT_ROOT, MsaeConfig, load_config
 
 MODULE = "msae_assets.definitions"
-PER_SAE_STAGES = ("sae", "latent_stats", "concepts", "concept_scores")
+PER_SAE_STAGES = ("sae", "latent_stats", "concepts", "concept_scores", "controls")
 FINAL_STAGES = ("report",)
+IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
 
 
 def materialize_commands(cfg: MsaeConfig, stages: tuple[str, ...] | None = None) -> list[list[str]]:
@@ -27,7 +28,10 @@ def materialize_commands(cfg: MsaeConfig, stages: tuple[str, ...] | None = None)
 
     ``stages``: the asset names defined (default: every stage this project has)."""
     stages = stages or (*PER_SAE_STAGES, *FINAL_STAGES)
-    base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", MODULE, "--select"]
+    # in-process executor: one process per call instead of one per step (each would import torch
+    # and load its models again), and no two steps oversubscribing the CPU side by side
+    base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", MODULE, "--config-json", IN_PROCESS,
+            "--select"]
     layer_range = f"{cfg.layers[0]}...{cfg.layers[-1]}"
     # `sae` is multi-partitioned: a CLI range run would record one materialization (one metadata
     # set) for every key of the range, so each layer|width key gets its own call.
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     defined = tuple(a.key.to_user_string() for a in build_definitions(cfg).assets)
     for cmd in materialize_commands(cfg, defined):
-        print("+", " ".join(cmd[1:]), flush=True)
+        print("+", " ".join(cmd[1:]).replace(IN_PROCESS, f"'{IN_PROCESS}'"), flush=True)
         if not args.dry_run:
             rc = subprocess.call(cmd, cwd=PROJECT_ROOT)
             if rc != 0:

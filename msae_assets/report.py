@@ -17,17 +17,19 @@ def build_report_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     version = code_version("report", cfg.scores, cfg.explainer.prompting, cfg.layers, cfg.widths)
     with warnings.catch_warnings():  # AllPartitionMapping on an unpartitioned asset: beta in 1.13
         warnings.simplefilter("ignore")
-        dep = dg.AssetDep("concept_scores", partition_mapping=dg.AllPartitionMapping())
+        deps = [dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping())
+                for name in ("concept_scores", *(("controls",) if cfg.controls.enabled else ()))]
 
-    @dg.asset(name="report", code_version=version, deps=[dep], group_name="report", kinds={"html"},
+    @dg.asset(name="report", code_version=version, deps=deps, group_name="report", kinds={"html"},
               description="Census, quality, FVU per modality, threshold ablation, ground-truth evaluation, "
               "masked-vs-whole gain → <store>/report/index.html and report.json.")
     def report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from msae.report.build import build_report
 
         store = Store(cfg.store)
-        inputs = {f"concept_scores[{layer}|{width}]": upstream_version(
-            store, "concept_scores", f"layer={layer}/width={width}") for layer in cfg.layers for width in cfg.widths}
+        inputs = {f"{dep.asset_key.to_user_string()}[{layer}|{width}]": upstream_version(
+            store, dep.asset_key.to_user_string(), f"layer={layer}/width={width}")
+            for dep in deps for layer in cfg.layers for width in cfg.widths}
 
         def compute() -> tuple[str, dict]:
             s = build_report(cfg, store)

@@ -19,6 +19,7 @@ STAGE_REVISIONS: dict[str, int] = {
     "latent_stats": 1,
     "concepts": 1,
     "concept_scores": 1,
+    "controls": 1,
     "report": 1,
 }
 

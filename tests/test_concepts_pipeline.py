@@ -63,7 +63,7 @@ def _materialize_all(defs: dg.Definitions, cfg, instance) -> None:
         run(["activations"], str(layer))
     for layer in cfg.layers:
         for width in cfg.widths:
-            run(["sae", "latent_stats", "concepts", "concept_scores"], f"{layer}|{width}")
+            run(["sae", "latent_stats", "concepts", "concept_scores", "controls"], f"{layer}|{width}")
     return run(["report"])
 
 

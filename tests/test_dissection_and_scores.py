@@ -6,12 +6,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from msae.config import ExplainerConfig
+from msae.config import ExplainerConfig, ScoresConfig
 from msae.explain.base import ExplainExample, ExplainRequest
 from msae.explain.dissection import AnnotationGrids, DissectionExplainer, word_shares
 from msae.score.classify import classify, classify_frame
 from msae.score.quality import (auroc, candidate_concepts, concept_category, concepts_agree, softmax_rows,
-                                textual_scores, visual_image_scores)
+                                visual_image_scores)
 
 
 def _annotations() -> pl.DataFrame:
@@ -111,7 +111,6 @@ def test_visual_scores_softmax_own_concept_probability_and_rank():
     np.testing.assert_allclose(prob, expected, rtol=1e-6)
     np.testing.assert_allclose(cos, [1.0, 0.6])
     assert rank.tolist() == [1, 2]
-    np.testing.assert_allclose(textual_scores(images, images), [1.0, 1.0], rtol=1e-6)
 
 
 def test_candidates_agreement_category_auroc():
@@ -136,3 +135,13 @@ def test_classification_rule(v, t, agree, label):
     frame = pl.DataFrame({"visual_score": [v], "textual_score": [t], "concepts_agree": [agree]},
                          schema={"visual_score": pl.Float64, "textual_score": pl.Float64, "concepts_agree": pl.Boolean})
     assert classify_frame(frame, 0.5, 0.5).to_list() == [label]
+
+
+def test_default_thresholds_reject_chance_scores():
+    """Scores are AUROCs: a concept at chance (0.5, e.g. "background" on every image) is never aligned."""
+    s = ScoresConfig()
+    assert 0.5 < s.visual_threshold <= 1 and 0.5 < s.textual_threshold <= 1
+    assert classify(0.5, 0.5, True, s.visual_threshold, s.textual_threshold) == "none"
+    assert classify(0.95, 0.5, True, s.visual_threshold, s.textual_threshold) == "visual"
+    assert classify(0.95, 0.9, False, s.visual_threshold, s.textual_threshold) == "mixed"
+    assert all(0.4 <= t <= 0.9 for t in s.ablation) and min(s.ablation) < 0.5 < max(s.ablation)

@@ -27,7 +27,7 @@ from msae.embed import (
     packaged_model_dir,
     resolve_model_ref,
 )
-from msae.embed.shapes_clip import (
+from msae.embedded.shapes_clip import (
     BatchMaker,
     ClipGeometry,
     Constraint,
@@ -89,7 +89,7 @@ def _bert_tokenizer(folder: Path):
 
 @pytest.fixture(scope="module")
 def shapes_clip() -> ImageTextEmbedder:
-    assert (SHAPES_CLIP / "config.json").is_file(), "data/shapes-clip is missing: python -m msae.embed.shapes_clip"
+    assert (SHAPES_CLIP / "config.json").is_file(), "data/shapes-clip is missing: python -m msae.embedded.shapes_clip"
     return load_image_text_embedder(SHAPES_CLIP, device="cpu", batch_size=16, local_files_only=True)
 
 

@@ -1,5 +1,6 @@
-"""Ground-truth modality labels: AUROC against sklearn, positive sets from annotations, the label
-rule on planted AUROC matrices, and the whole pass on a tiny hand-built store with a planted SAE."""
+"""Ground-truth modality labels: AUROC against sklearn, strong-token precision, positive sets from
+annotations, the label rule on planted evidence, the census at several AUROC thresholds, and the
+whole pass on a tiny hand-built store with a planted SAE."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ import pytest
 import torch
 
 from msae.explain.dissection import AnnotationGrids
-from msae.score.ground_truth import (auroc_matrix, average_ranks, choose_concepts, ground_truth_labels,
-                                     label_from_aurocs, mask_small_sets, text_vocabulary, textual_positives,
-                                     visual_concept_names, visual_positives)
+from msae.score.ground_truth import (GroundingRule, ModalityEvidence, answer_position_rows, auroc_matrix,
+                                     average_ranks, census_by_auroc, choose_concepts, ground_truth_labels,
+                                     gt_census, label_latents, mask_small_sets, precision_matrix, strong_mask,
+                                     text_vocabulary, textual_positives, visual_concept_names, visual_positives)
 
 ANN_SCHEMA = {"image_id": pl.Utf8, "grid_row": pl.Int32, "grid_col": pl.Int32, "object": pl.Int32,
               "color": pl.Utf8, "shape": pl.Utf8, "size": pl.Utf8, "coverage": pl.Float64}
@@ -119,56 +121,119 @@ def test_text_vocabulary_and_positives():
     assert textual_positives(["a"], []).shape == (1, 0)
 
 
+# --- precision over strong activations ------------------------------------------------------------
+def test_strong_mask_and_precision_matrix():
+    acts = np.array([[0.0, 4.0], [1.0, 1.0], [2.0, 2.5], [0.9, 0.0], [0.0, 0.0]], dtype=np.float32)
+    assert strong_mask(acts, 0.5).tolist() == [[False, True], [True, False], [True, True], [False, False],
+                                               [False, False]]
+    pos = np.array([[1, 0], [1, 1], [0, 1], [1, 0], [0, 0]], dtype=bool)
+    prec, strong = precision_matrix(acts, pos, 0.5, max_cells=5)  # one latent per chunk
+    assert strong.tolist() == [2, 2]
+    np.testing.assert_allclose(prec, [[0.5, 1.0], [0.5, 0.5]])
+    prec0, strong0 = precision_matrix(np.zeros((3, 1)), pos[:3], 0.5)  # never fires: no strong tokens
+    assert strong0.tolist() == [0] and np.isnan(prec0).all()
+
+
 # --- the label rule -------------------------------------------------------------------------------
 V_NAMES = ["background", "blue", "red", "circle", "large", "red circle"]
-T_NAMES = ["circle", "left", "red"]
+T_NAMES = ["<answer position>", "circle", "red", "the"]
+H = 0.5
 
 
-def _matrices(rows_v: list[list[float]], rows_t: list[list[float]]) -> tuple[np.ndarray, np.ndarray]:
-    return np.array(rows_v, dtype=float), np.array(rows_t, dtype=float)
+def _evidence(names: list[str], auroc: list[list[float]], precision: list[list[float]] | None = None,
+              strong: list[int] | None = None, base: list[float] | None = None) -> ModalityEvidence:
+    a = np.array(auroc, dtype=float)
+    p = np.full(a.shape, np.nan) if precision is None else np.array(precision, dtype=float)
+    s = np.full(len(a), 100) if strong is None else np.array(strong)
+    b = np.full(len(names), 0.05) if base is None else np.array(base, dtype=float)
+    return ModalityEvidence(names, a, p, s, b)
 
 
-def test_label_from_aurocs_covers_every_label():
-    h = 0.5
-    va, ta = _matrices([
-        [h, h, 0.97, h, h, 0.965],    # 0 visual red (simpler than red circle within 0.01)
-        [h, h, h, h, h, h],           # 1 textual
-        [h, h, 0.95, h, h, h],        # 2 multimodal red/red
-        [h, h, h, 0.93, h, h],        # 3 mixed: circle vs left
-        [h, h, 0.95, h, h, h],        # 4 dead → none whatever the numbers
-        [h, 0.89, h, h, h, h],        # 5 below threshold → none
-        [h, h, 0.91, h, h, 0.99],     # 6 the pair clearly best → "red circle"; text "circle" agrees
-        [h, h, 0.945, h, 0.95, h],    # 7 best visual "large" disagrees with "red", but near-tied red/red agree
+def test_precision_names_the_most_specific_concept_and_needs_firing_and_lift():
+    lo = 0.1
+    v = _evidence(V_NAMES, [[H] * 6] * 5, [
+        [lo, lo, 0.95, 0.9, lo, 0.85],   # 0 "red circle" keeps the precision → named
+        [lo, lo, 0.9, 0.5, lo, 0.45],    # 1 only "red" does
+        [lo, lo, 0.95, 0.9, lo, 0.85],   # 2 as 0 but too few strong tokens → nothing
+        [0.9, lo, lo, lo, lo, lo],       # 3 background at its base rate: no lift → nothing
+        [lo, lo, 0.85, 0.85, 0.85, 0.5], # 4 three single words tie on words: highest precision, then name order
+    ], strong=[25, 25, 19, 500, 40], base=[0.85, 0.05, 0.05, 0.05, 0.05, 0.02])
+    t = _evidence(T_NAMES, [[H] * 4] * 5)
+    out = label_latents(v, t, np.ones(5, bool), GroundingRule(precision=0.8, min_firing=20, min_lift=2.0))
+    assert out["gt_modality"].to_list() == ["visual", "visual", "none", "none", "visual"]
+    assert out["gt_visual_concept"].to_list() == ["red circle", "red", None, None, "red"]
+    assert out["gt_visual_rule"].to_list() == ["precision", "precision", None, None, "precision"]
+    assert out["gt_visual_precision"].to_list() == pytest.approx([0.85, 0.9, 0.95, 0.9, 0.85])
+    assert out["gt_visual_strong"].to_list() == [25, 25, 19, 500, 40]
+    # the lift guard off: background's precision alone grounds latent 3
+    out2 = label_latents(v, t, np.ones(5, bool), GroundingRule(min_lift=1.0))
+    assert out2["gt_visual_concept"][3] == "background"
+
+
+def test_auroc_rule_and_multimodal_needs_the_same_concept():
+    v = _evidence(V_NAMES, [
+        [H, H, 0.97, H, H, 0.965],    # 0 visual red (simpler than red circle within 0.01)
+        [H, H, H, H, H, H],           # 1 textual
+        [H, H, 0.95, H, H, H],        # 2 multimodal red/red
+        [H, H, H, 0.93, H, H],        # 3 mixed: circle vs "the"
+        [H, H, 0.95, H, H, H],        # 4 dead → none whatever the numbers
+        [H, 0.89, H, H, H, H],        # 5 below threshold → none
+        [H, H, 0.91, H, H, 0.99],     # 6 "red circle" named; text "circle" is not grounded visually → mixed
+        [H, H, 0.92, H, 0.95, H],     # 7 "large" named, but "red" is grounded in both → multimodal, red/red
         [np.nan] * 6,                 # 8 nothing measurable
-        [h, h, 0.92, h, 0.95, h],     # 9 "red" grounded but clearly behind "large": no rescue → mixed
-        [h, 0.99, h, h, h, 0.975],    # 10 "blue" latent; the pair agreeing with "circle" is not near-best → mixed
-    ], [
-        [h, h, h],
-        [0.98, h, h],
-        [h, h, 0.99],
-        [h, 0.96, h],
-        [h, h, 0.99],
-        [h, h, 0.85],
-        [0.94, h, h],
-        [h, h, 0.93],
-        [np.nan] * 3,
-        [h, h, 0.93],
-        [0.97, h, h],
+        [H, 0.99, H, H, H, 0.975],    # 9 "blue" latent with the word "circle" → mixed
+        [H, H, 0.93, H, H, 0.99],     # 10 "red circle" named, its parent "red" grounded too → keeps the pair
+        [H, H, H, H, H, H],           # 11 the answer position only → textual
+    ], [[np.nan] * 6] * 12)
+    t = _evidence(T_NAMES, [
+        [H, H, H, H], [H, 0.98, H, H], [H, H, 0.99, H], [H, H, H, 0.96], [H, H, 0.99, H], [H, H, 0.85, H],
+        [H, 0.94, H, H], [H, H, 0.93, H], [np.nan] * 4, [H, 0.97, H, H], [H, H, 0.95, H], [0.99, H, H, H],
     ])
-    fired = np.array([True, True, True, True, False, True, True, True, True, True, True])
-    out = label_from_aurocs(va, V_NAMES, ta, T_NAMES, fired, threshold=0.9)
-    assert out["latent"].to_list() == list(range(11))
-    assert out["gt_modality"].to_list() == ["visual", "textual", "multimodal", "mixed", "none", "none",
-                                            "multimodal", "multimodal", "none", "mixed", "mixed"]
+    fired = np.ones(12, bool)
+    fired[4] = False
+    out = label_latents(v, t, fired, GroundingRule(auroc=0.9))
+    assert out["latent"].to_list() == list(range(12))
+    assert out["gt_modality"].to_list() == ["visual", "textual", "multimodal", "mixed", "none", "none", "mixed",
+                                            "multimodal", "none", "mixed", "multimodal", "textual"]
     assert out["gt_visual_concept"].to_list() == ["red", None, "red", "circle", None, None, "red circle", "red",
-                                                  None, "large", "blue"]
-    assert out["gt_textual_concept"].to_list() == [None, "circle", "red", "left", None, None, "circle", "red",
-                                                   None, "red", "circle"]
+                                                  None, "blue", "red circle", None]
+    assert out["gt_textual_concept"].to_list() == [None, "circle", "red", "the", None, None, "circle", "red",
+                                                   None, "circle", "red", "<answer position>"]
+    assert set(out["gt_visual_rule"].drop_nulls().to_list()) == {"auroc"}
     assert out["gt_visual_auroc"][0] == pytest.approx(0.97)
     assert out["gt_visual_second"][0] == "red circle" and out["gt_visual_second_auroc"][0] == pytest.approx(0.965)
     assert out["gt_visual_auroc"][5] == pytest.approx(0.89)  # near misses stay visible
-    assert out["gt_visual_auroc"][7] == pytest.approx(0.945) and out["gt_visual_second"][7] == "large"
+    assert out["gt_visual_auroc"][7] == pytest.approx(0.92) and out["gt_visual_second"][7] == "large"
     assert math.isnan(out["gt_visual_auroc"][8]) and out["gt_visual_second"][8] is None
+
+
+def test_multimodal_through_precision_in_one_modality_and_auroc_in_the_other():
+    v = _evidence(V_NAMES, [[H] * 6] * 2, [[0.1, 0.1, 0.95, 0.9, 0.1, 0.9], [0.1, 0.1, 0.6, 0.9, 0.1, 0.6]],
+                  strong=[30, 30])
+    t = _evidence(T_NAMES, [[H, H, 0.95, H]] * 2)
+    out = label_latents(v, t, np.ones(2, bool))
+    # 0: red circle named, "red" itself precise too → multimodal; 1: "circle" precise, "red" not → mixed
+    assert out["gt_modality"].to_list() == ["multimodal", "mixed"]
+    assert out["gt_visual_concept"].to_list() == ["red circle", "circle"]
+    assert out["gt_textual_concept"].to_list() == ["red", "red"]
+    assert out["gt_textual_rule"].to_list() == ["auroc", "auroc"]
+
+
+def test_census_at_three_auroc_thresholds():
+    v = _evidence(V_NAMES, [[H, H, 0.85, H, H, H], [H, H, 0.92, H, H, H], [H, H, 0.97, H, H, H],
+                            [H] * 6])
+    t = _evidence(T_NAMES, [[H] * 4, [H] * 4, [H, H, 0.96, H], [H, 0.82, H, H]])
+    labels = census_by_auroc(v, t, np.ones(4, bool), GroundingRule(), [0.8, 0.9, 0.95])
+    assert labels == {"gt_modality_auroc_0.8": ["visual", "visual", "multimodal", "textual"],
+                      "gt_modality_auroc_0.9": ["none", "visual", "multimodal", "none"],
+                      "gt_modality_auroc_0.95": ["none", "none", "multimodal", "none"]}
+    gt = label_latents(v, t, np.ones(4, bool)).with_columns(pl.Series(k, x) for k, x in labels.items())
+    c = gt_census(gt)
+    assert list(c) == ["0.8", "0.9", "0.95", "label"]
+    assert c["0.8"] == {"visual": 2, "textual": 1, "multimodal": 1, "mixed": 0, "none": 0}
+    assert c["0.9"] == c["label"] == {"visual": 1, "textual": 0, "multimodal": 1, "mixed": 0, "none": 2}
+    assert c["0.95"]["none"] == 3
+    assert gt_census(gt.select("latent", "gt_modality")) == {"label": c["label"]}  # older files: the label only
 
 
 def test_choose_concepts_simplicity_and_ties():
@@ -179,8 +244,20 @@ def test_choose_concepts_simplicity_and_ties():
     assert val.tolist() == [0.95, 0.9, 0.95, 0.948]
 
 
+def test_answer_position_rows():
+    tokens = pl.DataFrame({
+        "sample_id": ["a"] * 6 + ["b"] * 4,
+        "position": [0, 1, 2, 3, 4, 5, 0, 1, 2, 3],
+        "modality": ["special", "image", "text", "text", "text", "text", "special", "text", "text", "image"],
+        "role": ["template", None, "question", "template", "answer", "template", "template", "question",
+                 "template", None],
+    })
+    # a: the token before the answer; b (no answer, e.g. include_answer off): the last non-image token
+    assert np.flatnonzero(answer_position_rows(tokens)).tolist() == [3, 8]
+
+
 # --- the whole pass on a planted store ------------------------------------------------------------
-N_SAMPLES, GRID, D = 48, 4, 8
+N_SAMPLES, GRID, D = 48, 4, 10
 
 
 def _world(i: int) -> tuple[str, str, str]:
@@ -196,12 +273,13 @@ def _cells(size: str) -> list[tuple[int, int, float]]:
 
 @pytest.fixture
 def planted_store(tmp_path):
-    """A store with samples, tokens, annotations, float32 activations and a planted 5-latent SAE.
+    """A store with samples, tokens, annotations, float32 activations and a planted 7-latent SAE.
 
-    Activation directions: e0 red patch, e3 blue patch, e1 the word "red", e2 the word "circle".
-    Tile patches and template tokens carry every direction, strongly: if they leaked into the
-    populations the AUROCs would drop below the threshold. Sample 48's image has no annotation and
-    its patches carry e0: it must be left out too.
+    Activation directions: e0 red patch, e3 blue patch, e9 large red circle patch, e1 the word "red",
+    e2 the word "circle", e8 the answer position (the ":" before the answer). Tile patches and the
+    other template tokens carry e0–e3, strongly: if they leaked into the populations the AUROCs
+    would drop below the threshold. Sample 48's image has no annotation and its patches carry e0:
+    it must be left out too.
     """
     from msae.extract.writer import ActivationWriter
     from msae.sae.formats import save_sae
@@ -230,7 +308,7 @@ def planted_store(tmp_path):
                            "modality": kw["modality"], "view": kw.get("view"), "grid_row": kw.get("r"),
                            "grid_col": kw.get("c"), "role": kw.get("role")})
             noise = np.zeros(D, np.float32)
-            noise[4:] = rng.random(4)
+            noise[4:8] = rng.random(4)
             xs.append(x + noise)
             pos += 1
 
@@ -241,6 +319,8 @@ def planted_store(tmp_path):
                 x = np.zeros(D, np.float32)
                 if (r, c) in on or not annotated:
                     x[0 if color == "red" or not annotated else 3] = 1.0 + 0.1 * rng.random()
+                    if annotated and (color, shape, size) == ("red", "circle", "large"):
+                        x[9] = 1.0
                 add(x, modality="image", view="base", r=r, c=c)
         for _ in range(2):
             add(strong, modality="image", view="tile", r=0, c=0)
@@ -250,6 +330,9 @@ def planted_store(tmp_path):
                 x[2] = 1.0
             add(x, modality="text", token=word, role="question")
         add(strong, modality="text", token="assistant", role="template")
+        x = np.zeros(D, np.float32)
+        x[8] = 1.0
+        add(x, modality="text", token=":", role="template")
         x = np.zeros(D, np.float32)
         if color == "red":
             x[1] = 1.0
@@ -264,33 +347,46 @@ def planted_store(tmp_path):
     writer.append({1: np.stack(xs)})
     writer.close()
 
-    sae = SparseCoder(D, 5, 5)
+    sae = SparseCoder(D, 7, 7)
     with torch.no_grad():
-        w = torch.zeros(5, D)
+        w = torch.zeros(7, D)
         w[0, 0] = 1.0                 # red patches → visual
         w[1, 0] = w[1, 1] = 1.0       # red patches and the word "red" → multimodal
         w[2, 2] = 1.0                 # the word "circle" → textual
         w[4, 3] = w[4, 2] = 1.0       # blue patches and the word "circle" → mixed
+        w[5, 8] = 1.0                 # the answer position → textual
+        w[6, 9] = 1.0                 # large red circles only: too few red circles for AUROC, precise
         sae.encoder.weight.copy_(w)
-        sae.encoder.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0]))  # latent 3 never fires
-    save_sae(sae, store.url(store.sae_name(1, 5)))
+        sae.encoder.bias.copy_(torch.tensor([0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0]))  # latent 3 never fires
+    save_sae(sae, store.url(store.sae_name(1, 7)))
     return store
 
 
 def test_ground_truth_labels_on_planted_store(planted_store):
-    gt = ground_truth_labels(planted_store, 1, 5, threshold=0.9, min_positive=20)
-    assert gt.height == 5
+    gt = ground_truth_labels(planted_store, 1, 7, threshold=0.9, min_positive=20, min_firing=16,
+                             census_aurocs=(0.8, 0.95))
+    assert gt.height == 7
     rows = {r["latent"]: r for r in gt.iter_rows(named=True)}
-    assert [rows[i]["gt_modality"] for i in range(5)] == ["visual", "multimodal", "textual", "none", "mixed"]
+    assert [rows[i]["gt_modality"] for i in range(7)] == ["visual", "multimodal", "textual", "none", "mixed",
+                                                          "textual", "visual"]
     assert rows[0]["gt_visual_concept"] == "red" and rows[0]["gt_visual_auroc"] == 1.0
+    assert rows[0]["gt_visual_precision"] == 1.0 and rows[0]["gt_visual_strong"] == 48
     assert rows[0]["gt_textual_concept"] is None and rows[0]["gt_textual_auroc"] == 0.5
     assert rows[1]["gt_visual_concept"] == "red" and rows[1]["gt_textual_concept"] == "red"
     assert rows[1]["gt_textual_auroc"] == 1.0
     assert rows[2]["gt_textual_concept"] == "circle" and rows[2]["gt_visual_concept"] is None
     assert rows[3]["gt_visual_fires"] == 0 and rows[3]["gt_textual_fires"] == 0
     assert rows[4]["gt_visual_concept"] == "blue" and rows[4]["gt_textual_concept"] == "circle"
+    assert rows[5]["gt_textual_concept"] == "<answer position>" and rows[5]["gt_textual_auroc"] == 1.0
+    assert rows[5]["gt_textual_fires"] == 49  # one per sample, annotated or not
+    # 4 large red circles × 4 patches: 16 of the 24 red-circle patches; AUROC misses, precision names the pair
+    assert rows[6]["gt_visual_concept"] == "red circle" and rows[6]["gt_visual_rule"] == "precision"
+    assert rows[6]["gt_visual_auroc"] < 0.9 and rows[6]["gt_visual_strong"] == 16
     # 48 images: 8 large red (4 patches) + 16 small red (1 patch; the 0.1-coverage cell is background)
     assert rows[0]["gt_visual_fires"] == 48
     assert rows[1]["gt_textual_fires"] == 25  # text needs no annotation: sample 48's "red" counts
-    assert rows[4]["gt_visual_second"] == "blue circle" or rows[4]["gt_visual_second"] == "blue square"
-    assert rows[4]["gt_visual_second_auroc"] < 1.0 - 0.01  # the pair is not near-tied: mixed, not multimodal
+    assert set(gt.columns) >= {"gt_modality_auroc_0.8", "gt_modality_auroc_0.95"}
+    assert gt_census(gt)["0.95"]["none"] >= gt_census(gt)["0.8"]["none"]
+    # the minimum number of strong tokens is respected: 16 < 20 → latent 6 is not grounded
+    gt20 = ground_truth_labels(planted_store, 1, 7, min_firing=20, census_aurocs=())
+    assert gt20["gt_modality"][6] == "none" and gt20["gt_visual_concept"][6] is None

@@ -162,7 +162,7 @@ def test_materialize_commands_one_call_per_sae_key(tiny_config_data):
 
     cmds = materialize_commands(parse_config({**tiny_config_data, "widths": [16, 32]}))
     per_key = [c[c.index("--select") + 1:] for c in cmds if "--partition" in c]
-    stages = "sae,latent_stats,concepts,concept_scores"
+    stages = "sae,latent_stats,concepts,concept_scores,controls"
     assert per_key == [[stages, "--partition", k] for k in ("0|16", "0|32", "2|16", "2|32")]
     assert cmds[1][-2:] == ["--partition-range", "0...2"]
     assert cmds[-1][-1] == "report"  # after every partition it summarises

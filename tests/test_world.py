@@ -11,13 +11,14 @@ import polars as pl
 import pytest
 
 from msae.vlm.build import build_word_tokenizer
-from msae.world.config import ShapesConfig
+from msae.world.config import V1_QUESTION_KINDS, ShapesConfig
 from msae.world.shapes import (
     COLORS,
     VOCABULARY,
     answer_for,
     generate_scene,
     generate_world,
+    describe_objects,
     iter_world,
     make_questions,
     patch_coverage,
@@ -148,10 +149,46 @@ def test_conversations_are_llava_format(world):
         assert r["image"] == f"images/{image_id}.png" and (world.root / r["image"]).is_file()
         human, gpt = r["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
-        assert gpt["from"] == "gpt" and " " not in gpt["value"]
+        assert gpt["from"] == "gpt"
+        # v1 kinds answer with one word; v2 descriptions with "size colour shape" phrases joined by
+        # "and", "where" with a cell name ("top left", "center")
+        if r["kind"] in V1_QUESTION_KINDS:
+            assert " " not in gpt["value"]
+        elif r["kind"] in ("describe", "describe_at"):
+            assert all(len(p.split()) == 3 for p in gpt["value"].split(" and ")) or gpt["value"] == "background"
         assert r["kind"] in CFG.question_kinds
     meta = json.loads(world.world_json.read_text())
     assert meta["config"] == CFG.model_dump(mode="json") and meta["vocabulary"] == list(VOCABULARY)
+
+
+def test_descriptions_name_every_object_in_reading_order():
+    rng = np.random.default_rng(4)
+    for _ in range(200):
+        scene = generate_scene(rng, CFG)
+        (qa,) = make_questions(scene, rng, ("describe",), 1)
+        parts = qa.answer.split(" and ")
+        assert len(parts) == len(scene.objects)
+        assert sorted(parts) == sorted(f"{o.size} {o.color} {o.shape}" for o in scene.objects)
+        rows = [next(o.cell_row for o in scene.objects if o.description == p) for p in parts]
+        assert rows == sorted(rows)  # top to bottom
+    assert describe_objects(()) == "background"
+
+
+def test_always_ask_comes_first_and_where_names_a_unique_colour(tmp_path):
+    cfg = ShapesConfig(seed=6, n_images=60, questions_per_image=2, always_ask=("describe",))
+    for _, scene, qas in iter_world(cfg):
+        assert qas[0].kind == "describe" and len(qas) == 2
+    rng = np.random.default_rng(5)
+    n = 0
+    for _ in range(200):
+        scene = generate_scene(rng, CFG)
+        for qa in make_questions(scene, rng, ("where",), 1):
+            color = qa.question.split()[3]
+            assert sum(o.color == color for o in scene.objects) == 1
+            n += 1
+    assert n > 150
+    with pytest.raises(ValueError, match="always_ask"):
+        ShapesConfig(question_kinds=("color",), always_ask=("describe",))
 
 
 def test_question_kinds_filter(tmp_path):

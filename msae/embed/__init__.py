@@ -1,6 +1,6 @@
 """Embedders that score concepts: CLIP/ALIGN image–text models and sentence (text–text) models.
 
-``msae.embed.shapes_clip`` trains the embedded default's small CLIP (``data/shapes-clip``).
+``msae.embedded.shapes_clip`` trains the embedded default's small CLIP (``data/shapes-clip``).
 """
 
 from msae.embed.embedders import (

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from msae.config import ExplainerConfig, MsaeConfig
+from msae.config import ExplainerConfig, ModelConfig, MsaeConfig
 from msae.explain.base import ExplainAnswer, ExplainExample, Explainer, ExplainRequest
 
 log = logging.getLogger(__name__)
@@ -40,16 +40,35 @@ def concepts_folder(layer: int, width: int) -> str:
     return f"concepts/layer={layer}/width={width}"
 
 
-def explainer_fingerprint(cfg: ExplainerConfig) -> dict[str, Any]:
-    """What the proposals depend on: settings that shape answers and the prompt templates' text."""
+def explainer_model(cfg: ExplainerConfig, model: ModelConfig | None) -> dict[str, Any]:
+    """The transformers backend's model: ``explainer.model``, else the analysed VLM itself (with
+    the pipeline's revision, dtype and trust_remote_code). ``ref`` is None when neither is known."""
+    if cfg.model or model is None:
+        return {"ref": cfg.model, "revision": None, "dtype": "auto", "trust_remote_code": False}
+    return {"ref": model.name_or_path, "revision": model.revision, "dtype": model.dtype,
+            "trust_remote_code": model.trust_remote_code}
+
+
+def explainer_fingerprint(cfg: ExplainerConfig, model: ModelConfig | None = None) -> dict[str, Any]:
+    """What the proposals depend on: settings that shape answers, the prompt templates' text and,
+    for the transformers backend, the identity of the explainer's model (``model``: the pipeline's
+    VLM, which an unset ``explainer.model`` stands for)."""
     settings = cfg.model_dump(mode="json", exclude=RUNTIME_ONLY)
+    if cfg.backend != "transformers":
+        settings.pop("transformers")  # only that backend reads it
     if cfg.backend == "dissection":
         return settings
     from msae.explain.prompts import load_templates
 
     templates = load_templates(cfg.prompt_dir)
-    return {**settings, "prompt_dir": None,  # where the templates live does not matter, their text does
-            "templates": {"/".join(k): t.version for k, t in sorted(templates.items())}}
+    out = {**settings, "prompt_dir": None,  # where the templates live does not matter, their text does
+           "templates": {"/".join(k): t.version for k, t in sorted(templates.items())}}
+    if cfg.backend == "transformers":
+        from msae.explain.transformers_backend import model_identity
+
+        m = explainer_model(cfg, model)
+        out["model_identity"] = model_identity(m["ref"], m["revision"]) if m["ref"] else None
+    return out
 
 
 def make_explainer(cfg: MsaeConfig, store: Any, layer: int, width: int) -> Explainer:
@@ -66,7 +85,9 @@ def make_explainer(cfg: MsaeConfig, store: Any, layer: int, width: int) -> Expla
         return OpenAIExplainer(e, cache)
     from msae.explain.transformers_backend import TransformersExplainer
 
-    return TransformersExplainer(e, cache, local_files_only=cfg.model.local_files_only)
+    m = explainer_model(e, cfg.model)
+    return TransformersExplainer(e, cache, model=m["ref"], local_files_only=cfg.model.local_files_only,
+                                 revision=m["revision"], dtype=m["dtype"], trust_remote_code=m["trust_remote_code"])
 
 
 def dissection_from_store(cfg: ExplainerConfig, store: Any) -> Explainer:
@@ -95,10 +116,27 @@ def _png(image: Any) -> bytes:
     return buf.getvalue()
 
 
+def _text_example(t: Any) -> ExplainExample:
+    """A top text with its evidence peak marked (see :func:`build_requests`)."""
+    from msae.latents.render import display_tokens, mark_peak, peak_index
+
+    if not t.pieces:
+        return ExplainExample(t.sample_id, None, "", peak_token=None)
+    peak = t.peak if 0 <= t.peak < len(t.pieces) else peak_index(t.activations)
+    acts = np.zeros(len(t.pieces), dtype=np.float32)
+    acts[peak] = 1.0
+    return ExplainExample(t.sample_id, None, mark_peak(t.pieces, acts),
+                          peak_token=display_tokens(t.pieces)[peak].strip())
+
+
 def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig) -> list[ExplainRequest]:
-    """Visual requests per prompting mode and one textual request per latent."""
+    """Visual requests per prompting mode and one textual request per latent.
+
+    A top text's marked word is its evidence peak (which honours template eligibility, as on the
+    cards), so the word the explainer's view marks and ``peak_token`` are always the same token.
+    """
     from msae.data.images import load_image_rgb
-    from msae.latents.render import display_tokens, mark_peak, mask_inactive
+    from msae.latents.render import mask_inactive
 
     requests = []
     image = functools.lru_cache(maxsize=512)(load_image_rgb)  # an image often tops several latents
@@ -116,9 +154,7 @@ def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig) -> list[Expla
             if examples:
                 requests.append(ExplainRequest(latent, "visual", prompting, examples))
         texts = ev.texts[: cfg.examples]
-        t_examples = tuple(
-            ExplainExample(t.sample_id, None, mark_peak(t.pieces, t.activations),
-                           peak_token=display_tokens(t.pieces)[t.peak].strip()) for t in texts)
+        t_examples = tuple(_text_example(t) for t in texts)
         if t_examples:
             requests.append(ExplainRequest(latent, "textual", cfg.prompting[0], t_examples))
     return requests

@@ -1,7 +1,9 @@
 """Modality labels from alignment scores: visual, textual, multimodal, mixed or none.
 
 Rule (thresholds from ``scores``): a latent's visual concept is *aligned* when its visual score
-≥ ``visual_threshold``, its textual concept when its textual score ≥ ``textual_threshold``.
+≥ ``visual_threshold``, its textual concept when its textual score ≥ ``textual_threshold``. Both
+scores are AUROCs against random controls (``msae.score.quality``): 0.5 is chance, so a threshold
+says how much better than random examples the concept must describe the latent's own.
 
 * both aligned and the concepts agree (``quality.concepts_agree``) → ``multimodal``
 * both aligned but they name different things → ``mixed`` (the latent answers to two concepts)

@@ -1,10 +1,17 @@
 """The `concept_scores` stage as a plain function: proposals + evidence + embedders → concepts.parquet.
 
 One row per explained latent × prompting mode (``masked`` = the method, ``whole`` = the baseline)
-in ``<store>/concepts/layer=<L>/width=<W>/concepts.parquet``; columns in ``docs/formats.md``. Both
-modes are scored on the *same* blurred top images against the *same* candidate set (the union of
-both modes' kept concepts), so their visual scores are comparable. Where the dataset has
-annotations, ``ground_truth.parquet`` beside it holds the activation-only ground-truth labels.
+in ``<store>/concepts/layer=<L>/width=<W>/concepts.parquet``; columns in ``docs/formats.md``.
+
+Scores are contrastive (``msae.score.quality``). Per latent, its top images' scorer views
+(non-active patches blurred) are set against ``scores.visual_controls`` *control views*: random
+images of the dataset (not among its top images) carrying its top images' patch masks, blurred the
+same way. Its top texts' peak windows are set against ``scores.textual_controls`` windows around
+random eligible tokens of other samples, drawn from one partition-wide pool embedded once. Views,
+controls and baseline draws are per latent, seeded by ``(scores.seed, latent)``, and shared by both
+prompting modes, so their scores are comparable; every view is embedded once per image–text model.
+Where the dataset has annotations, ``ground_truth.parquet`` beside it holds the activation-only
+ground-truth labels.
 """
 
 from __future__ import annotations
@@ -12,6 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,8 +28,9 @@ import polars as pl
 
 from msae.config import MsaeConfig
 from msae.score.classify import classify_frame
-from msae.score.quality import (auroc, candidate_concepts, concept_category, concepts_agree, normalise_concept,
-                                textual_scores, visual_image_scores)
+from msae.score.quality import (auroc, baseline_score, candidate_concepts, concept_category, concepts_agree,
+                                contrastive_score, draw_excluding, mask_balanced_split, normalise_concept,
+                                visual_image_scores, window_baseline_draws)
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +38,22 @@ CONCEPTS = "concepts.parquet"
 IMAGE_CHUNK = 256
 """Images blurred/loaded and embedded per step."""
 IMAGE_CACHE = 512
-"""Decoded images kept (an image is among several latents' top images)."""
+"""Decoded images kept (views are built in image order, so each image is decoded about once)."""
 GROUND_TRUTH = "ground_truth.parquet"
+CONTROL_WINDOWS = 512
+"""Random text windows in a partition's control pool (at least 4 × ``scores.textual_controls``)."""
+CONTROL_SAMPLES = 512
+"""Samples whose text tokens are read (seeded subset) to build that pool from tokens.parquet."""
+
+
+@dataclass(frozen=True)
+class ControlPools:
+    """Where controls are drawn from: dataset images and windows around random text tokens."""
+
+    images: list[str]
+    """Unique image paths (or URLs)."""
+    windows: list[tuple[str, str]]
+    """(sample_id, window text)."""
 
 
 def load_embedders(cfg: MsaeConfig) -> tuple[list[Any], Any]:
@@ -53,16 +77,191 @@ def _slug(name: str) -> str:
     return name.rstrip("/").split("/")[-1].replace("-", "_").replace(".", "_")
 
 
-def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.DataFrame, image_text: list[Any],
-                    text_embedder: Any) -> pl.DataFrame:
-    """Scores of every proposal row (pure given the embedders; see module doc)."""
-    from msae.data.images import load_image_rgb
-    from msae.latents.render import blur_inactive, peak_window
+def _one_hot(n: int, i: int) -> np.ndarray:
+    a = np.zeros(n, np.float32)
+    a[i] = 1.0
+    return a
 
-    e = cfg.embedders
+
+def random_windows(texts: Sequence[tuple[str, Sequence[str], np.ndarray]], n: int, size: int,
+                   rng: np.random.Generator) -> list[tuple[str, str]]:
+    """``n`` windows (±``size`` tokens, as around a peak) centred on random eligible tokens.
+
+    ``texts``: (sample_id, pieces, eligible mask). Centres are drawn uniformly over all eligible
+    tokens, without replacement; fewer than ``n`` come back when there are fewer tokens.
+    """
+    from msae.latents.render import peak_window
+
+    where = [(i, p) for i, (_, _, ok) in enumerate(texts) for p in np.flatnonzero(ok)]
+    if not where:
+        return []
+    picks = rng.choice(len(where), size=min(n, len(where)), replace=False)
+    out = []
+    for k in sorted(picks):
+        i, p = where[k]
+        sample_id, pieces, _ = texts[i]
+        out.append((sample_id, peak_window(list(pieces), _one_hot(len(pieces), int(p)), size=size)))
+    return out
+
+
+def evidence_pools(evidence: dict[int, Any], latents: Sequence[int], window: int, n_windows: int,
+                   rng: np.random.Generator) -> ControlPools:
+    """Control pools from the evidence alone: the images of all top examples; windows around random
+    tokens of all top texts (any token may be a centre: evidence holds no token roles)."""
+    images = list(dict.fromkeys(ex.image_path for lat in latents for ex in evidence[lat].images if ex.image_path))
+    texts = {t.sample_id: (t.sample_id, t.pieces, np.ones(len(t.pieces), bool))
+             for lat in latents for t in evidence[lat].texts}
+    return ControlPools(images, random_windows(list(texts.values()), n_windows, window, rng))
+
+
+def store_pools(cfg: MsaeConfig, store: Any, rng: np.random.Generator) -> ControlPools | None:
+    """Control pools from the whole dataset: every sample's image; windows around random eligible
+    text tokens (not template ones unless ``latents.text_include_template``) of a seeded subset of
+    samples, from tokens.parquet (rows pruned by pyarrow). None when the tables are missing."""
+    from msae.latents.evidence import read_table, resolve_image
+    from msae.store import Store
+
+    if not (store.exists(Store.SAMPLES) and store.exists(Store.TOKENS)):
+        return None
+    samples = read_table(store, Store.SAMPLES, ["image"])
+    if samples.height == 0:
+        return None
+    images = list(dict.fromkeys(resolve_image(store, im) for im in samples["image"].to_list() if im))
+    chosen = np.sort(rng.choice(samples.height, size=min(CONTROL_SAMPLES, samples.height), replace=False))
+    tokens = read_table(store, Store.TOKENS, ["sample_index", "sample_id", "position", "token", "role"],
+                        [("modality", "=", "text"), ("sample_index", "in", chosen.tolist())])
+    tokens = tokens.sort(["sample_index", "position"])
+    texts = []
+    for (_,), g in tokens.group_by(["sample_index"], maintain_order=True):
+        ok = np.ones(g.height, bool) if cfg.latents.text_include_template else \
+            (g["role"].fill_null("") != "template").to_numpy()
+        texts.append((g["sample_id"][0], g["token"].to_list(), ok))
+    n_windows = max(CONTROL_WINDOWS, 4 * cfg.scores.textual_controls)
+    return ControlPools(images, random_windows(texts, n_windows, cfg.embedders.text_window, rng))
+
+
+@dataclass(frozen=True)
+class _VisualPlan:
+    own: np.ndarray
+    """Rows of the view embeddings: the latent's top views."""
+    controls: np.ndarray
+    """Rows of its control views."""
+    stand_ins: np.ndarray
+    """[draws, n] indices into ``controls``: one control per mask, standing in for the top views."""
+    rest: np.ndarray
+    """[draws, K - n] indices into ``controls``: that draw's controls."""
+
+
+@dataclass(frozen=True)
+class _TextPlan:
+    own: np.ndarray
+    """Rows of the own-window embeddings."""
+    controls: np.ndarray
+    """Rows of the pool-window embeddings."""
+    stand_ins: np.ndarray
+    """[draws, n] rows of the pool-window embeddings standing in for the top windows."""
+    rest: np.ndarray
+    """[draws, m] rows of the pool-window embeddings: that draw's controls."""
+
+
+def _plan_views(cfg: MsaeConfig, evidence: dict[int, Any], latents: Sequence[int],
+                pool: list[str]) -> tuple[list[tuple[str, Any]], dict[int, _VisualPlan]]:
+    """Every view to embed as (image path, example whose mask it carries), and each latent's plan."""
+    s = cfg.scores
+    specs: list[tuple[str, Any]] = []
+    plans: dict[int, _VisualPlan] = {}
+    where = {path: i for i, path in enumerate(pool)}
+    for lat in latents:
+        top = evidence[lat].images[: cfg.explainer.examples]
+        if not top:
+            continue
+        rng = np.random.default_rng([s.seed, int(lat), 0])
+        own_paths = np.array([where[ex.image_path] for ex in top if ex.image_path in where], dtype=np.int64)
+        chosen = draw_excluding(len(pool), own_paths, s.visual_controls, rng)
+        groups = np.arange(len(chosen)) % len(top)
+        own = np.arange(len(specs), len(specs) + len(top))
+        specs += [(ex.image_path, ex) for ex in top]
+        controls = np.arange(len(specs), len(specs) + len(chosen))
+        specs += [(pool[c], top[g]) for c, g in zip(chosen, groups)]
+        stand_ins, rest = mask_balanced_split(groups, s.baseline_draws, rng)
+        plans[lat] = _VisualPlan(own, controls, stand_ins, rest)
+    return specs, plans
+
+
+def _embed_views(cfg: MsaeConfig, specs: list[tuple[str, Any]], image_text: list[Any],
+                 load: Callable[[str], Any]) -> dict[str, np.ndarray]:
+    """Blurred views (each spec's image, its example's mask) embedded in image order, in chunks."""
+    from msae.latents.render import blur_inactive
+
+    order = sorted(range(len(specs)), key=lambda i: specs[i][0])
+    out: dict[str, np.ndarray] = {}
+    parts: dict[str, list[np.ndarray]] = {m.name: [] for m in image_text}
+    for i in range(0, len(order), IMAGE_CHUNK):
+        views = [blur_inactive(load(specs[j][0]), specs[j][1].patch_activations, radius=cfg.embedders.blur_radius,
+                               threshold=specs[j][1].active_threshold) for j in order[i: i + IMAGE_CHUNK]]
+        for m in image_text:
+            parts[m.name].append(m.embed_images(views))
+    for name, chunks in parts.items():
+        emb = _concat(chunks)
+        if len(order):
+            emb = emb[np.argsort(order)]  # back to spec order
+        out[name] = emb
+    return out
+
+
+def _plan_texts(cfg: MsaeConfig, evidence: dict[int, Any], latents: Sequence[int],
+                pool: list[tuple[str, str]]) -> tuple[list[str], list[int], list[str], dict[int, _TextPlan]]:
+    """Own peak windows (text, owner, sample id) and each latent's control / stand-in draws."""
+    from msae.latents.render import peak_window
+
+    s = cfg.scores
+    windows, owners, samples = [], [], []
+    plans: dict[int, _TextPlan] = {}
+    by_sample: dict[str, list[int]] = {}
+    for i, (sid, _) in enumerate(pool):
+        by_sample.setdefault(sid, []).append(i)
+    for lat in latents:
+        texts = evidence[lat].texts[: cfg.explainer.examples]
+        if not texts:
+            continue
+        own = np.arange(len(windows), len(windows) + len(texts))
+        for t in texts:
+            centre = t.peak if 0 <= t.peak < len(t.pieces) else None
+            acts = _one_hot(len(t.pieces), centre) if centre is not None else t.activations
+            windows.append(peak_window(t.pieces, acts, size=cfg.embedders.text_window))
+            owners.append(lat)
+            samples.append(t.sample_id)
+        rng = np.random.default_rng([s.seed, int(lat), 1])
+        mine = np.array([i for t in evidence[lat].texts for i in by_sample.get(t.sample_id, [])], dtype=np.int64)
+        eligible = np.setdiff1d(np.arange(len(pool)), mine)
+        controls = rng.choice(eligible, size=min(s.textual_controls, len(eligible)), replace=False).astype(np.int64)
+        stand_ins, rest = window_baseline_draws(eligible, controls, len(texts), s.baseline_draws, rng)
+        plans[lat] = _TextPlan(own, controls, stand_ins, rest)
+    return windows, owners, samples, plans
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or np.isnan(x) else float(x)
+
+
+def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.DataFrame, image_text: list[Any],
+                    text_embedder: Any, pools: ControlPools | None = None) -> pl.DataFrame:
+    """Scores of every proposal row (pure given the embedders and pools; see module doc).
+
+    ``pools`` default to the evidence's own images and top texts (:func:`evidence_pools`).
+    """
+    from msae.data.images import load_image_rgb
+
     latents = sorted(set(proposals["latent"].to_list()) & set(evidence))
-    # the scorer's view of every top image (non-active patches blurred) and each sample's whole image,
-    # embedded in chunks so that only embeddings, never all the images, are held at once
+    if pools is None:
+        pools = evidence_pools(evidence, latents, cfg.embedders.text_window,
+                               max(CONTROL_WINDOWS, 4 * cfg.scores.textual_controls),
+                               np.random.default_rng([cfg.scores.seed, 2]))
+    load = functools.lru_cache(maxsize=IMAGE_CACHE)(load_image_rgb)
+    specs, vplans = _plan_views(cfg, evidence, latents, pools.images)
+    view_emb = _embed_views(cfg, specs, image_text, load)
+
+    # each sample's whole image, for embedding detection (own vs other latents' top images)
     top = [(lat, ex) for lat in latents for ex in evidence[lat].images[: cfg.explainer.examples]]
     whole_ids: dict[str, int] = {}
     whole_paths: list[str] = []
@@ -72,28 +271,18 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
             whole_paths.append(ex.image_path)
     owners_a = np.array([lat for lat, _ in top])
     image_whole_a = np.array([whole_ids[ex.sample_id] for _, ex in top], dtype=np.int64)
-    load = functools.lru_cache(maxsize=IMAGE_CACHE)(load_image_rgb)  # neighbours in `top` share images
-    blurred_emb: dict[str, list[np.ndarray]] = {m.name: [] for m in image_text}
-    for i in range(0, len(top), IMAGE_CHUNK):
-        views = [blur_inactive(load(ex.image_path), ex.patch_activations, radius=e.blur_radius,
-                               threshold=ex.active_threshold) for _, ex in top[i: i + IMAGE_CHUNK]]
-        for m in image_text:
-            blurred_emb[m.name].append(m.embed_images(views))
     whole_emb = _concat([image_text[0].embed_images([load(path) for path in whole_paths[i: i + IMAGE_CHUNK]])
                          for i in range(0, len(whole_paths), IMAGE_CHUNK)])
     candidates = candidate_concepts(proposals["visual_concept"].to_list())
-    emb = {m.name: (_concat(blurred_emb[m.name]), m.embed_texts(candidates), m.logit_scale) for m in image_text}
+    emb = {m.name: (view_emb[m.name], m.embed_texts(candidates), m.logit_scale) for m in image_text}
     cand_idx = {c: i for i, c in enumerate(candidates)}
 
-    # textual: ±window tokens around each top text's peak
-    win_owner, windows, win_sample = [], [], []
-    for lat in latents:
-        for t in evidence[lat].texts[: cfg.explainer.examples]:
-            win_owner.append(lat)
-            windows.append(peak_window(t.pieces, t.activations, size=e.text_window))
-            win_sample.append(t.sample_id)
+    # textual: ±window tokens around each top text's peak, against a pool of random windows
+    windows, win_owner, win_sample, tplans = _plan_texts(cfg, evidence, latents, pools.windows)
     win_owner_a, win_sample_a = np.array(win_owner), np.array(win_sample, dtype=object)
     win_emb = text_embedder.embed_texts(windows) if windows else np.zeros((0, 1), np.float32)
+    pool_emb = text_embedder.embed_texts([w for _, w in pools.windows]) if pools.windows else \
+        np.zeros((0, 1), np.float32)
     t_concepts = candidate_concepts(proposals["textual_concept"].to_list())
     all_texts = list(dict.fromkeys(candidates + t_concepts))
     text_vec = dict(zip(all_texts, text_embedder.embed_texts(all_texts))) if all_texts else {}
@@ -107,22 +296,12 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
                                "textual_concept": r["textual_concept"]}
         v = normalise_concept(r["visual_concept"]) if r["visual_concept"] else None
         t = normalise_concept(r["textual_concept"]) if r["textual_concept"] else None
-        mine = np.flatnonzero(owners_a == lat) if len(owners_a) else np.array([], int)
         for name, (img_e, con_e, scale) in emb.items():
             key = "" if name == first else f"__{_slug(name)}"
-            if v is None or len(mine) == 0:
-                out |= {f"visual_score{key}": None, f"visual_score_var{key}": None, f"visual_cosine{key}": None,
-                        f"visual_rank{key}": None}
-                continue
-            prob, cos, rank = visual_image_scores(img_e[mine], np.full(len(mine), cand_idx[v]), con_e, scale)
-            out |= {f"visual_score{key}": float(prob.mean()), f"visual_score_var{key}": float(prob.var()),
-                    f"visual_cosine{key}": float(cos.mean()), f"visual_rank{key}": float(rank.mean())}
-        wmine = np.flatnonzero(win_owner_a == lat) if len(win_owner_a) else np.array([], int)
-        if t is not None and len(wmine):
-            out["textual_score"] = float(textual_scores(win_emb[wmine], np.repeat(text_vec[t][None], len(wmine),
-                                                                                  0)).mean())
-        else:
-            out["textual_score"] = None
+            out |= _visual_columns(vplans.get(lat) if v is not None else None, img_e, con_e,
+                                   cand_idx.get(v, -1), scale, key)
+        out |= _textual_columns(tplans.get(lat) if t is not None else None, win_emb, pool_emb,
+                                text_vec.get(t) if t is not None else None)
         out["concept_cosine"] = float(text_vec[v] @ text_vec[t]) if v and t else None
         out["concepts_agree"] = concepts_agree(v, t, out["concept_cosine"], cfg.scores.agreement)
         out["visual_category"] = concept_category(v)
@@ -133,6 +312,38 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
     frame = pl.DataFrame(rows, infer_schema_length=None)
     return frame.with_columns(classify_frame(frame, cfg.scores.visual_threshold,
                                              cfg.scores.textual_threshold).alias("modality"))
+
+
+VISUAL_COLUMNS = ("visual_score", "visual_score_var", "visual_score_random", "visual_softmax", "visual_cosine",
+                  "visual_rank")
+TEXTUAL_COLUMNS = ("textual_score", "textual_score_var", "textual_score_random", "textual_cosine")
+
+
+def _visual_columns(plan: _VisualPlan | None, img_e: np.ndarray, con_e: np.ndarray, own_idx: int, scale: float,
+                    key: str) -> dict[str, float | None]:
+    """One embedder's visual columns for one concept (all None without a concept or top images)."""
+    if plan is None or own_idx < 0 or len(plan.own) == 0:
+        return {f"{c}{key}": None for c in VISUAL_COLUMNS}
+    c = con_e[own_idx]
+    own_sim, ctrl_sim = img_e[plan.own] @ c, img_e[plan.controls] @ c
+    score, var = contrastive_score(own_sim, ctrl_sim)
+    prob, cos, rank = visual_image_scores(img_e[plan.own], np.full(len(plan.own), own_idx), con_e, scale)
+    random = baseline_score(ctrl_sim[plan.stand_ins], ctrl_sim[plan.rest]) if len(ctrl_sim) else float("nan")
+    values = (score, var, random, float(prob.mean()), float(cos.mean()), float(rank.mean()))
+    return {f"{col}{key}": _nan_none(x) for col, x in zip(VISUAL_COLUMNS, values)}
+
+
+def _textual_columns(plan: _TextPlan | None, win_emb: np.ndarray, pool_emb: np.ndarray,
+                     concept: np.ndarray | None) -> dict[str, float | None]:
+    """The textual columns for one concept (all None without a concept or top texts)."""
+    if plan is None or concept is None or len(plan.own) == 0:
+        return dict.fromkeys(TEXTUAL_COLUMNS)
+    own_sim = win_emb[plan.own] @ concept
+    pool_sim = pool_emb @ concept if len(pool_emb) else np.zeros(0)
+    ctrl_sim = pool_sim[plan.controls]
+    score, var = contrastive_score(own_sim, ctrl_sim)
+    random = baseline_score(pool_sim[plan.stand_ins], pool_sim[plan.rest]) if len(pool_sim) else float("nan")
+    return {c: _nan_none(x) for c, x in zip(TEXTUAL_COLUMNS, (score, var, random, float(own_sim.mean())))}
 
 
 def _detection(lat: int, v: str | None, t: str | None, evidence: dict, owners: np.ndarray, image_whole: np.ndarray,
@@ -168,7 +379,8 @@ def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> t
     proposals = store.read_parquet(folder, PROPOSALS)
     evidence = load_evidence(store, layer, width, sorted(set(proposals["latent"].to_list())))
     image_text, text = load_embedders(cfg)
-    frame = score_partition(cfg, evidence, proposals, image_text, text)
+    pools = store_pools(cfg, store, np.random.default_rng([cfg.scores.seed, 2]))
+    frame = score_partition(cfg, evidence, proposals, image_text, text, pools)
     if cfg.scores.judge == "openai":  # Delphi-style detection and fuzzing by an LLM judge
         from msae.score.autointerp import judge_scores
 
@@ -181,13 +393,14 @@ def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> t
     masked = frame.filter(pl.col("prompting") == cfg.explainer.prompting[0])
     meta |= {f"census_{k}": int(n) for k, n in masked.group_by("modality").len().iter_rows()}
     for mode in cfg.explainer.prompting:
-        s = frame.filter(pl.col("prompting") == mode)["visual_score"].drop_nulls()
-        meta[f"visual_score_{mode}"] = float(s.mean()) if len(s) else None
+        for col in ("visual_score", "visual_score_random", "textual_score", "textual_score_random"):
+            s = frame.filter(pl.col("prompting") == mode)[col].drop_nulls()
+            meta[f"{col}_{mode}"] = float(s.mean()) if len(s) else None
     digest_parts = [store.read_bytes(folder, CONCEPTS)]
     if store.exists("world", "annotations.parquet"):
-        from msae.score.ground_truth import ground_truth_labels
+        from msae.score.ground_truth import ground_truth_from_config
 
-        gt = ground_truth_labels(store, layer, width, threshold=cfg.scores.gt_auroc)
+        gt = ground_truth_from_config(store, layer, width, cfg.scores)
         store.write_parquet(gt, folder, GROUND_TRUTH)
         digest_parts.append(store.read_bytes(folder, GROUND_TRUTH))
         meta["ground_truth_path"] = store.url(folder, GROUND_TRUTH)

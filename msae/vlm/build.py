@@ -1,6 +1,6 @@
 """Build small LLaVA-NeXT models (random init) with a word-level tokenizer and a real processor.
 
-Two uses: the embedded default's VLM (trained on the shapes world, see ``msae.vlm.train``) and
+Two uses: the embedded default's VLM (trained on the shapes world, see ``msae.embedded.vlm_train``) and
 test fixtures with the *real* LLaVA-NeXT-8B geometry (336-px CLIP-L/14 tower, the 8B's anyres
 pinpoints), so that token→patch mapping is tested against the packing transformers really does.
 Everything here is saved with ``save_pretrained`` and reloaded through the same

@@ -6,8 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-QuestionKind = Literal["color", "shape", "exists", "count", "left_right"]
-ALL_QUESTION_KINDS: tuple[QuestionKind, ...] = ("color", "shape", "exists", "count", "left_right")
+QuestionKind = Literal["color", "shape", "exists", "count", "left_right", "describe", "describe_at", "where"]
+V1_QUESTION_KINDS: tuple[QuestionKind, ...] = ("color", "shape", "exists", "count", "left_right")
+# World v2 adds descriptions ("what is shown ?" -> "small red circle and large blue square",
+# "what is at the top left ?" -> "small blue square") and a question that names an attribute
+# ("where is the red object ?" -> "top left"), so colour, shape and size words occur as text.
+ALL_QUESTION_KINDS: tuple[QuestionKind, ...] = (*V1_QUESTION_KINDS, "describe", "describe_at", "where")
 
 
 class ShapesConfig(BaseModel):
@@ -26,6 +30,10 @@ class ShapesConfig(BaseModel):
     question_kinds: tuple[QuestionKind, ...] = Field(
         ALL_QUESTION_KINDS, min_length=1, description="Which kinds of question to ask."
     )
+    always_ask: tuple[QuestionKind, ...] = Field(
+        (), description="Kinds asked of every scene first (e.g. describe: a caption per image); the "
+        "remaining questions_per_image are drawn among question_kinds.",
+    )
 
     @model_validator(mode="after")
     def _objects_range(self) -> "ShapesConfig":
@@ -34,4 +42,7 @@ class ShapesConfig(BaseModel):
                 f"dataset.shapes.min_objects ({self.min_objects}) must be <= "
                 f"dataset.shapes.max_objects ({self.max_objects})"
             )
+        extra = [k for k in self.always_ask if k not in self.question_kinds]
+        if extra:
+            raise ValueError(f"dataset.shapes.always_ask: {extra} not in question_kinds {list(self.question_kinds)}")
         return self

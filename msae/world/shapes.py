@@ -60,6 +60,9 @@ TEMPLATE_WORDS: tuple[str, ...] = (
     "what", "color", "is", "the", "shape", "at", "there", "a", "an", "how", "many", "objects",
     "are", "left", "or", "right", "of", "?", "object",
 )  # fmt: skip
+# World v2 words, appended after every v1 word so that v1 token ids keep their values.
+BACKGROUND = "background"
+V2_WORDS: tuple[str, ...] = ("shown", "where", "and", BACKGROUND)
 
 VOCABULARY: tuple[str, ...] = tuple(
     dict.fromkeys(
@@ -72,6 +75,7 @@ VOCABULARY: tuple[str, ...] = tuple(
             *NUMBER_WORDS,
             YES,
             NO,
+            *V2_WORDS,
         ]
     )
 )
@@ -93,6 +97,11 @@ class SceneObject:
     @property
     def position(self) -> str:
         return cell_name(self.cell_row, self.cell_col)
+
+    @property
+    def description(self) -> str:
+        """"small red circle": size, colour, shape — the words the v2 description answers use."""
+        return f"{self.size} {self.color} {self.shape}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,6 +210,31 @@ def _unique_shape_objects(objects: tuple[SceneObject, ...]) -> list[SceneObject]
     return [o for o in objects if sum(p.shape == o.shape for p in objects) == 1]
 
 
+def _unique_cell_objects(objects: tuple[SceneObject, ...]) -> list[SceneObject]:
+    cells = [(o.cell_row, o.cell_col) for o in objects]
+    return [o for o, c in zip(objects, cells, strict=True) if cells.count(c) == 1]
+
+
+def _pick(objects: list[SceneObject], rng: np.random.Generator) -> SceneObject:
+    return objects[int(rng.integers(len(objects)))]
+
+
+def _unique_color_objects(objects: tuple[SceneObject, ...]) -> list[SceneObject]:
+    return [o for o in objects if sum(p.color == o.color for p in objects) == 1]
+
+
+def reading_order(objects: tuple[SceneObject, ...] | list[SceneObject]) -> list[SceneObject]:
+    """Objects top to bottom, then left to right (by grid cell, then x): the order descriptions use."""
+    return sorted(objects, key=lambda o: (o.cell_row, o.cell_col, o.center_x, o.bbox[1]))
+
+
+def describe_objects(objects: tuple[SceneObject, ...] | list[SceneObject]) -> str:
+    """"small red circle and large blue square"; "background" when nothing is visible."""
+    if not objects:
+        return BACKGROUND
+    return " and ".join(o.description for o in reading_order(objects))
+
+
 def _left_right_pairs(objects: tuple[SceneObject, ...], min_dx: float) -> list[tuple[SceneObject, SceneObject]]:
     uniq = _unique_shape_objects(objects)
     return [(a, b) for a in uniq for b in uniq if a is not b and abs(a.center_x - b.center_x) >= min_dx]
@@ -211,12 +245,17 @@ def _feasible(kind: str, scene: Scene, min_dx: float) -> bool:
     if kind == "color":
         return bool(_unique_shape_objects(objs))
     if kind == "shape":
-        cells = [(o.cell_row, o.cell_col) for o in objs]
-        return any(cells.count(c) == 1 for c in cells)
+        return bool(_unique_cell_objects(objs))
     if kind in ("exists", "count"):
         return True
     if kind == "left_right":
         return bool(_left_right_pairs(objs, min_dx))
+    if kind == "describe":
+        return True
+    if kind == "describe_at":
+        return _feasible("shape", scene, min_dx)
+    if kind == "where":
+        return bool(_unique_color_objects(objs))
     raise ValueError(f"unknown question kind {kind!r}")
 
 
@@ -232,9 +271,7 @@ def _ask(kind: str, scene: Scene, rng: np.random.Generator, min_dx: float) -> QA
         o = cands[int(rng.integers(len(cands)))]
         return QA(kind, f"what color is the {o.shape}?", o.color)
     if kind == "shape":
-        cells = [(o.cell_row, o.cell_col) for o in objs]
-        cands = [o for o, c in zip(objs, cells, strict=True) if cells.count(c) == 1]
-        o = cands[int(rng.integers(len(cands)))]
+        o = _pick(_unique_cell_objects(objs), rng)
         return QA(kind, f"what shape is at the {o.position}?", o.shape)
     if kind == "exists":
         present = {(o.color, o.shape) for o in objs}
@@ -257,18 +294,33 @@ def _ask(kind: str, scene: Scene, rng: np.random.Generator, min_dx: float) -> QA
         a, b = pairs[int(rng.integers(len(pairs)))]
         answer = "left" if a.center_x < b.center_x else "right"
         return QA(kind, f"is the {a.shape} left or right of the {b.shape}?", answer)
+    if kind == "describe":
+        return QA(kind, "what is shown?", describe_objects(objs))
+    if kind == "describe_at":
+        o = _pick(_unique_cell_objects(objs), rng)
+        return QA(kind, f"what is at the {o.position}?", o.description)
+    if kind == "where":
+        o = _pick(_unique_color_objects(objs), rng)
+        return QA(kind, f"where is the {o.color} object?", o.position)
     raise ValueError(f"unknown question kind {kind!r}")
 
 
 def make_questions(
-    scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] | list[str] = ALL_QUESTION_KINDS, n: int = 1
+    scene: Scene, rng: np.random.Generator, kinds: tuple[str, ...] | list[str] = ALL_QUESTION_KINDS, n: int = 1,
+    always: tuple[str, ...] | list[str] = (),
 ) -> list[QA]:
-    """Up to ``n`` distinct questions about ``scene``, each of a kind drawn uniformly among the
-    ``kinds`` this scene supports (fewer if the scene supports too few distinct questions)."""
+    """Up to ``n`` distinct questions about ``scene``: first one of each ``always`` kind the scene
+    supports, then kinds drawn uniformly among the ``kinds`` it supports (fewer if the scene
+    supports too few distinct questions)."""
     min_dx = left_right_min_dx(scene.image.width)
     feasible = [k for k in kinds if _feasible(k, scene, min_dx)]
     out: list[QA] = []
     seen: set[str] = set()
+    for kind in always:
+        if len(out) < n and kind in feasible:
+            qa = _ask(kind, scene, rng, min_dx)
+            seen.add(qa.question)
+            out.append(qa)
     tries = 0
     while feasible and len(out) < n and tries < 20 * n:
         tries += 1
@@ -297,6 +349,15 @@ def answer_for(question: str, objects: tuple[SceneObject, ...], image_size: int)
         return YES if any(o.color == color and o.shape == shape for o in objects) else NO
     if text == "how many objects are there":
         return NUMBER_WORDS[len(objects)]
+    if text == "what is shown":
+        return describe_objects(objects)
+    if text.startswith("what is at the "):
+        pos = " ".join(words[4:])
+        (o,) = [o for o in objects if o.position == pos]
+        return o.description
+    if text.startswith("where is the ") and text.endswith(" object"):
+        (o,) = [o for o in objects if o.color == words[3]]
+        return o.position
     if text.startswith("is the ") and " left or right of the " in text:
         (a,) = [o for o in objects if o.shape == words[2]]
         (b,) = [o for o in objects if o.shape == words[-1]]
@@ -329,7 +390,7 @@ def iter_world(cfg: ShapesConfig):
         rng = scene_rng(cfg.seed, i)
         for _ in range(50):  # redraw scenes that support none of the asked kinds
             scene = generate_scene(rng, cfg)
-            qas = make_questions(scene, rng, cfg.question_kinds, cfg.questions_per_image)
+            qas = make_questions(scene, rng, cfg.question_kinds, cfg.questions_per_image, cfg.always_ask)
             if qas:
                 break
         yield f"{i:0{width}d}", scene, qas

@@ -17,7 +17,7 @@ normalised exactly as the processor does (checked at start-up), so the inner loo
 pre-processing. :func:`evaluate` goes through the real processor on a held-out world (seed 99 by
 default; the pipeline's embedded default uses 1234, which is used for neither).
 
-``python -m msae.vlm.train --out data/shapes-llava [--seed 0] [--minutes 40]``
+``python -m msae.embedded.vlm_train --out data/shapes-llava [--seed 0] [--minutes 40]``
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from msae.vlm.build import VLMGeometry, build_llava_next, build_word_tokenizer, geometry_dict
-from msae.world.config import ALL_QUESTION_KINDS, ShapesConfig
+from msae.world.config import ALL_QUESTION_KINDS, V1_QUESTION_KINDS, ShapesConfig
 from msae.world.shapes import COLORS, SHAPES, SIZES, VOCABULARY, iter_world, patch_coverage
 
 EVAL_SEED = 99  # held-out world reported in eval.json
@@ -468,13 +468,13 @@ def run(recipe: Recipe, out: str | Path, threads: int = 2) -> dict:
     model, processor = build_llava_next(tokenizer, g, seed=recipe.seed)
     world = ShapesConfig(
         seed=recipe.seed, n_images=recipe.train_images, image_size=g.image_size,
-        questions_per_image=recipe.questions_per_image,
+        questions_per_image=recipe.questions_per_image, question_kinds=V1_QUESTION_KINDS,
     )  # fmt: skip
     data = build_train_data(world, processor, g.patch_size)
     check_pixel_path(processor, data)
     print(f"train data: {len(data.pixels)} images, {len(data.q_ids)} questions, "
           f"{time.time() - t_start:.0f}s", flush=True)  # fmt: skip
-    val_cfg = ShapesConfig(seed=VAL_SEED, n_images=300, image_size=g.image_size)
+    val_cfg = ShapesConfig(seed=VAL_SEED, n_images=300, image_size=g.image_size, question_kinds=V1_QUESTION_KINDS)
 
     def monitor(m) -> None:
         r = evaluate(m, processor, val_cfg)
@@ -504,7 +504,8 @@ def run(recipe: Recipe, out: str | Path, threads: int = 2) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    eval_cfg = ShapesConfig(seed=recipe.eval_seed, n_images=recipe.eval_images, image_size=g.image_size)
+    eval_cfg = ShapesConfig(seed=recipe.eval_seed, n_images=recipe.eval_images, image_size=g.image_size,
+                           question_kinds=V1_QUESTION_KINDS)
     result = evaluate(model, processor, eval_cfg, progress=True)
     report = {
         "held_out": result,
@@ -553,10 +554,11 @@ def continue_training(
     processor = AutoProcessor.from_pretrained(init_from)
     g = VLMGeometry(**{k: (tuple(map(tuple, v)) if k == "grid_pinpoints" else v)
                        for k, v in previous["geometry"].items()})  # fmt: skip
-    world = ShapesConfig(seed=seed, n_images=train_images, image_size=g.image_size, questions_per_image=3)
+    world = ShapesConfig(seed=seed, n_images=train_images, image_size=g.image_size, questions_per_image=3,
+                         question_kinds=V1_QUESTION_KINDS)
     data = build_train_data(world, processor, g.patch_size)
     check_pixel_path(processor, data)
-    val_cfg = ShapesConfig(seed=VAL_SEED, n_images=300, image_size=g.image_size)
+    val_cfg = ShapesConfig(seed=VAL_SEED, n_images=300, image_size=g.image_size, question_kinds=V1_QUESTION_KINDS)
 
     def monitor(m) -> None:
         r = evaluate(m, processor, val_cfg)
@@ -572,7 +574,8 @@ def continue_training(
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    eval_cfg = ShapesConfig(seed=eval_seed, n_images=eval_images, image_size=g.image_size)
+    eval_cfg = ShapesConfig(seed=eval_seed, n_images=eval_images, image_size=g.image_size,
+                           question_kinds=V1_QUESTION_KINDS)
     result = evaluate(model, processor, eval_cfg, progress=True)
     steps = {**previous["steps"], "d": len(ld)}
     report = {
@@ -591,7 +594,7 @@ def continue_training(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m msae.vlm.train", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m msae.embedded.vlm_train", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="output folder for the model, processor and eval.json")
     ap.add_argument("--seed", type=int, default=0, help="training world and init seed")
     ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget of the whole run")

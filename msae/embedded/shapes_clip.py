@@ -23,7 +23,7 @@ attribute changed) plus the 47 canonical phrases (8 colours, 4 shapes, 32 colour
 "one/two/three objects"). Windows are pulled towards the phrases whose attributes they mention.
 
 Scenes come from :mod:`msae.world.shapes` with seed 2024 (training) and 77 (evaluation); the VLM
-uses 0/98/99 and the pipeline's embedded default 1234. ``python -m msae.embed.shapes_clip --out
+uses 0/98/99 and the pipeline's embedded default 1234. ``python -m msae.embedded.shapes_clip --out
 data/shapes-clip`` trains (one CPU thread, a fixed number of steps, so it is deterministic), saves
 a real ``CLIPModel`` + ``CLIPProcessor`` and writes ``eval.json``; see ``docs/shapes_clip.md``.
 """
@@ -48,7 +48,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
 from msae.vlm.build import TEMPLATE_WORDS as VLM_TEMPLATE_WORDS
-from msae.world.config import ShapesConfig
+from msae.world.config import V1_QUESTION_KINDS, ShapesConfig
 from msae.world.shapes import (
     COLORS,
     NUMBER_WORDS,
@@ -64,11 +64,19 @@ from msae.world.shapes import (
     patch_coverage,
     scene_rng,
 )
+from msae.embedded.views import (
+    BLUR_RADIUS,
+    PATCH_SIZE,
+    background_patches,
+    blurred_view,
+    masked_view,
+    object_patches,
+    pick_keep,
+    visible_objects,
+)
 
 TRAIN_SEED = 2024
 EVAL_SEED = 77
-PATCH_SIZE = 8
-BLUR_RADIUS = 5.0
 
 PAD, UNK, BOS, EOS, IMAGE = "<pad>", "<unk>", "<s>", "</s>", "<image>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, IMAGE)  # EOS id 3: CLIP treats eos_token_id == 2 as legacy
@@ -162,51 +170,6 @@ def build_shapes_clip(geometry: ClipGeometry = ClipGeometry(), seed: int = 0) ->
 
 # ---------------------------------------------------------------------------------------------
 # Views: what the explainer and the scorer see
-
-
-def object_patches(scene: Scene, k: int, patch_size: int = PATCH_SIZE) -> np.ndarray:
-    """[G, G] bool: the patches object ``k`` touches at all (an SAE latent that fires on an
-    object fires on every patch the object covers, edges included)."""
-    return patch_coverage(scene.masks[k : k + 1], patch_size)[0] > 0
-
-
-def background_patches(scene: Scene, patch_size: int = PATCH_SIZE) -> np.ndarray:
-    """[G, G] bool: patches no object touches."""
-    cov = patch_coverage(scene.masks, patch_size)
-    return ~(cov > 0).any(axis=0) if len(cov) else np.ones(cov.shape[1:], dtype=bool)
-
-
-def _pixel_mask(keep: np.ndarray, patch_size: int) -> np.ndarray:
-    return np.kron(keep, np.ones((patch_size, patch_size), dtype=bool)).astype(bool)
-
-
-def masked_view(image: Image.Image, keep: np.ndarray, patch_size: int = PATCH_SIZE) -> np.ndarray:
-    """[H, W, 3] uint8: patches outside ``keep`` painted black."""
-    arr = np.asarray(image.convert("RGB")).copy()
-    arr[~_pixel_mask(keep, patch_size)] = 0
-    return arr
-
-
-def blurred_view(image: Image.Image, keep: np.ndarray, patch_size: int = PATCH_SIZE,
-                 radius: float = BLUR_RADIUS) -> np.ndarray:  # fmt: skip
-    """[H, W, 3] uint8: patches outside ``keep`` replaced by the PIL Gaussian blur (``radius``)
-    of the whole image, patches inside kept sharp."""
-    rgb = image.convert("RGB")
-    sharp = np.asarray(rgb)
-    blurred = np.asarray(rgb.filter(ImageFilter.GaussianBlur(radius)))
-    return np.where(_pixel_mask(keep, patch_size)[..., None], sharp, blurred)
-
-
-def visible_objects(scene: Scene, keep: np.ndarray, patch_size: int = PATCH_SIZE, min_fraction: float = 0.5,
-                    always: int | None = None) -> tuple[SceneObject, ...]:  # fmt: skip
-    """Objects with at least ``min_fraction`` of their pixels inside the kept patches (plus
-    object ``always``): what a phrase may truthfully describe in a masked or blurred view."""
-    pm = _pixel_mask(keep, patch_size)
-    out = []
-    for k, (obj, mask) in enumerate(zip(scene.objects, scene.masks, strict=True)):
-        if k == always or (mask & pm).sum() >= min_fraction * mask.sum():
-            out.append(obj)
-    return tuple(out)
 
 
 @dataclass
@@ -493,35 +456,11 @@ class Batch:
     window_truth: torch.Tensor  # [W, T] float: 1 positive, 0 negative, nan not applicable
 
 
-def _pick_keep(scene: Scene, k: int, rng: np.random.Generator, augment: bool) -> np.ndarray:
-    keep = object_patches(scene, k)
-    if not augment:
-        return keep
-    if rng.random() < 0.25:  # a latent that fires on part of the object
-        idx = np.flatnonzero(keep)
-        n_keep = max(1, int(math.ceil(len(idx) * rng.uniform(0.6, 1.0))))
-        sel = rng.choice(idx, size=n_keep, replace=False)
-        keep = np.zeros_like(keep)
-        keep.flat[sel] = True
-    if rng.random() < 0.25:  # … or spills onto a few neighbouring patches
-        grow = keep.copy()
-        grow[1:] |= keep[:-1]
-        grow[:-1] |= keep[1:]
-        grow[:, 1:] |= keep[:, :-1]
-        grow[:, :-1] |= keep[:, 1:]
-        ring = np.flatnonzero(grow & ~keep)
-        if len(ring):
-            add = rng.choice(ring, size=min(len(ring), int(rng.integers(1, 4))), replace=False)
-            keep = keep.copy()
-            keep.flat[add] = True
-    return keep
-
-
 def object_views(scene: Scene, k: int, rng: np.random.Generator | None = None) -> tuple[View, View]:
     """Masked and blurred views of object ``k`` (augmented kept patches when ``rng`` is given)."""
     views = []
     for kind in ("masked", "blurred"):
-        keep = _pick_keep(scene, k, rng, True) if rng is not None else object_patches(scene, k)
+        keep = pick_keep(scene, k, rng, True) if rng is not None else object_patches(scene, k)
         pix = masked_view(scene.image, keep) if kind == "masked" else blurred_view(scene.image, keep)
         views.append(View(pix, visible_objects(scene, keep, always=k), kind, scene.objects[k]))
     return views[0], views[1]
@@ -569,7 +508,7 @@ class BatchMaker:
             ka, kb = int(rng.integers(n)), int(rng.integers(n))
             views.append(object_views(scene, ka, rng)[0])
             views.append(object_views(scene, kb, rng)[1])
-            qas.extend(make_questions(scene, srng, n=2))
+            qas.extend(make_questions(scene, srng, V1_QUESTION_KINDS, n=2))
             bg_scenes.append(scene)
         for j in range(self.background_views):
             v = background_view(bg_scenes[j % len(bg_scenes)], rng, "masked" if j % 2 == 0 else "blurred")

@@ -1,0 +1,68 @@
+"""Calibration: the threshold sweep, the evidence measures, and the profile carrying its choice."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+import yaml
+
+from msae.calibrate import CALIBRATION_FILE, THRESHOLD_GRID, calibration_config_data, choose_thresholds, threshold_sweep
+from msae.config import profile_text
+from msae.score.evidence_quality import evidence_quality, image_concepts, patch_concepts
+
+
+def _frames():
+    # 6 latents: visual scores separate the truly visual ones at 0.8, textual ones at 0.6
+    truth = ["visual", "visual", "textual", "none", "none", "multimodal"]
+    concepts = pl.DataFrame({
+        "latent": list(range(6)), "prompting": ["masked"] * 6,
+        "visual_concept": ["red", "circle", None, "red", None, "blue"],
+        "textual_concept": [None, None, "the", None, "is", "blue"],
+        "visual_score": [0.9, 0.85, None, 0.7, None, 0.95],
+        "textual_score": [None, None, 0.65, None, 0.55, 0.9],
+        "concepts_agree": [False, False, False, False, False, True],
+    })
+    gt = pl.DataFrame({"latent": list(range(6)), "gt_modality": truth})
+    return [(concepts, gt)]
+
+
+def test_threshold_sweep_finds_the_separating_pair():
+    sweep = threshold_sweep(_frames())
+    assert len(sweep) == len(THRESHOLD_GRID) ** 2
+    best = choose_thresholds(sweep)
+    assert best["macro_f1"] == pytest.approx(1.0)
+    assert 0.7 < best["visual_threshold"] <= 0.85 and 0.55 < best["textual_threshold"] <= 0.65
+
+
+def test_evidence_quality_counts_hits_and_active_patches_on_the_concept():
+    objects = pl.DataFrame({"image_id": ["a", "b"], "color": ["red", "blue"], "shape": ["circle", "square"],
+                            "size": ["small", "large"]})
+    # 2×2 grids: image a has the red circle in patch 0, image b the blue square in patches 0 and 1
+    ann = pl.DataFrame({"image_id": ["a"] * 4 + ["b"] * 4, "grid_row": [0, 0, 1, 1] * 2, "grid_col": [0, 1] * 4,
+                        "color": ["red", None, None, None, "blue", "blue", None, None],
+                        "shape": ["circle", None, None, None, "square", "square", None, None],
+                        "size": ["small", None, None, None, "large", "large", None, None]})
+    top = pl.DataFrame({"latent": [7, 7], "modality": ["image", "image"], "sample_id": ["sa", "sb"],
+                        "patch_activations": [[3.0, 1.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]],
+                        "active_threshold": [0.5, 0.5]})
+    gt = pl.DataFrame({"latent": [7], "gt_modality": ["visual"], "gt_visual_concept": ["red"]})
+    q = evidence_quality(top, gt, {"sa": "a", "sb": "b"}, image_concepts(objects), patch_concepts(ann))
+    assert q == {"images": 2, "hits": 1, "active_patches": 3, "on_concept": 1}
+
+
+def test_calibration_world_is_the_profiles_calibration_seed():
+    data = calibration_config_data()
+    profile = yaml.safe_load(profile_text("embedded"))
+    assert data["dataset"]["shapes"]["seed"] == profile["world_seeds"]["calibration"]
+    assert data["dataset"]["shapes"]["seed"] != profile["dataset"]["shapes"]["seed"]
+
+
+def test_embedded_profile_carries_the_calibrated_choice():
+    chosen = json.loads(CALIBRATION_FILE.read_text())["chosen"]
+    profile = yaml.safe_load(profile_text("embedded"))
+    for dotted, value in chosen.items():
+        section, key = dotted.split(".")
+        assert profile[section][key] == value, dotted
+    assert json.loads(CALIBRATION_FILE.read_text())["world_seed"] == profile["world_seeds"]["calibration"]
