@@ -1,12 +1,13 @@
 """Image–text (CLIP / ALIGN) and text–text (sentence) embedders behind one loading path.
 
-The `concept_scores` stage needs two things (see ``docs/method.md``, "Scoring"):
+The `concept_scores` stage needs two things (see ``docs/method.md``, "Scores"):
 
-* **visual score** — a softmax over *all* candidate concept texts of ``scale · cos(image, text)``,
-  where ``scale`` is the model's own learned temperature (CLIP's ``logit_scale.exp()``, ALIGN's
-  ``1 / temperature``), so that the probabilities are the ones the model was trained to produce;
-* **textual score** — ``cos(text window, concept)`` from a sentence embedder, or, when none is
-  configured, from the text tower of the first image–text model.
+* **image–text similarities** — ``cos(image, concept text)`` of the scorer's views, from which the
+  contrastive visual score (own views vs random control views, an AUROC) and the method's own
+  softmax over candidate concepts of ``scale · cos`` (``visual_softmax``; ``scale`` is the model's
+  learned temperature: CLIP's ``logit_scale.exp()``, ALIGN's ``1 / temperature``) are computed;
+* **text–text similarities** — ``cos(text window, concept)`` from a sentence embedder, or, when
+  none is configured, from the text tower of the first image–text model.
 
 Every embedder returns L2-normalised ``float32`` numpy arrays, so cosine similarity is a dot
 product and results can be written straight to parquet/zarr.
