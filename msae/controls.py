@@ -77,16 +77,16 @@ def control_config(cfg: Any, width: int) -> Any:
     a seeded sample of ``controls.latents`` latents estimates the control's label distribution
     (every latent of a random TopK SAE fires, so explaining all of them costs the most of all)."""
     explainer = cfg.explainer.model_copy(update={"prompting": [cfg.explainer.prompting[0]]})
-    update: dict[str, Any] = {"explainer": explainer}
+    latents: dict[str, Any] = {"cards": 0}  # nobody browses a random SAE's latent cards
     if cfg.controls.latents is not None and cfg.controls.latents < width:
-        update["latents"] = cfg.latents.model_copy(update={"select": "sample", "n": cfg.controls.latents,
-                                                           "seed": cfg.controls.seed})
-    return cfg.model_copy(update=update)
+        latents |= {"select": "sample", "n": cfg.controls.latents, "seed": cfg.controls.seed}
+    return cfg.model_copy(update={"explainer": explainer, "latents": cfg.latents.model_copy(update=latents)})
 
 
 def oracle_config(cfg: Any) -> Any:
-    """The config of the dissection oracle: the same settings with the ``dissection`` backend."""
-    explainer = cfg.explainer.model_copy(update={"backend": "dissection"})
+    """The config of the dissection oracle: the same settings with the ``dissection`` backend, in
+    the method's prompting mode only (the report compares labels, which come from that mode)."""
+    explainer = cfg.explainer.model_copy(update={"backend": "dissection", "prompting": [cfg.explainer.prompting[0]]})
     return cfg.model_copy(update={"explainer": explainer})
 
 

@@ -54,8 +54,9 @@ def test_control_configs():
     small, big = control_config(cfg, 64), control_config(cfg, 512)
     assert small.explainer.prompting == ["masked"] and small.latents.select == cfg.latents.select
     assert big.latents.select == "sample" and big.latents.n == cfg.controls.latents
+    assert small.latents.cards == big.latents.cards == 0
     assert oracle_config(cfg).explainer.backend == "dissection"
-    assert oracle_config(cfg).explainer.prompting == cfg.explainer.prompting
+    assert oracle_config(cfg).explainer.prompting == ["masked"]
 
 
 def test_world_seeds_must_be_disjoint_and_name_the_run():
