@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
-import re
 import tempfile
 import time
 from pathlib import Path

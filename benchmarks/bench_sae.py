@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import pstats
-import re
 import subprocess
 import sys
 import tempfile

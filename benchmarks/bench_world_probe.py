@@ -52,17 +52,16 @@ def extract_world(store_dir: str, model: str, seed: int, n_images: int, layers: 
 
 def probe_store(store, layers: list[int], seed: int = 0) -> dict:
     """Transfer AUROCs per layer and attribute (see ``msae.embedded.probe``)."""
-    from pathlib import PurePath
-
     import numpy as np
     import zarr
 
+    from msae.data.samples import sample_image_ids
     from msae.embedded.probe import probe_transfer, summarise
     from msae.world.shapes import COLORS, SHAPES, SIZES
 
     tokens = store.read_parquet(store.TOKENS)
     samples = store.read_parquet(store.SAMPLES)
-    sample_image = {str(s): PurePath(i).stem for s, i in zip(samples["sample_id"], samples["image"]) if i}
+    sample_image = sample_image_ids(samples)
     ann = store.read_parquet("world", "annotations.parquet")
     out: dict = {}
     for layer in layers:

@@ -31,7 +31,7 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -74,13 +74,14 @@ def calibration_config_data(profile: str = "embedded", store: str = "outputs/cal
 # --- evidence ---------------------------------------------------------------------------------------
 def evidence_candidates(cfg: MsaeConfig, store: Any, gts: dict[tuple[int, int], pl.DataFrame]) -> list[dict]:
     """Hit rate of every (ranking, active_fraction) candidate, pooled over the partitions."""
+    from msae.data.samples import sample_image_ids
     from msae.latents.stats import compute_latent_stats
     from msae.sae.formats import load_sae
     from msae.sae.stage import open_layer
     from msae.score.evidence_quality import evidence_quality, image_concepts, patch_concepts
 
     samples = store.read_parquet(store.SAMPLES)
-    sample_image = {str(s): PurePath(i).stem for s, i in zip(samples["sample_id"], samples["image"]) if i}
+    sample_image = sample_image_ids(samples)
     concepts_of = image_concepts(store.read_parquet("world", "objects.parquet"))
     patches_of = patch_concepts(store.read_parquet("world", "annotations.parquet"))
     tokens = store.read_parquet(store.TOKENS)

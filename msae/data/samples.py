@@ -262,6 +262,13 @@ def write_samples(result: SamplesResult, store: Store) -> None:
     store.write_parquet(result.table, store.SAMPLES)
 
 
+def sample_image_ids(samples: pl.DataFrame) -> dict[str, str]:
+    """sample id → image id (the image file's stem: how the shapes world's annotations name images)."""
+    from pathlib import PurePath
+
+    return {str(s): PurePath(i).stem for s, i in zip(samples["sample_id"], samples["image"]) if i}
+
+
 def read_samples(store: Store) -> pl.DataFrame:
     """Read back what :func:`write_samples` wrote, checking it has the expected columns."""
     df = store.read_parquet(store.SAMPLES)

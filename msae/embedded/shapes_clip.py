@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter
+from PIL import Image
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor, PreTrainedTokenizerFast
 
@@ -61,11 +61,9 @@ from msae.world.shapes import (
     cell_name,
     generate_scene,
     make_questions,
-    patch_coverage,
     scene_rng,
 )
 from msae.embedded.views import (
-    BLUR_RADIUS,
     PATCH_SIZE,
     background_patches,
     blurred_view,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,7 +109,6 @@ def build_v2_data(cfg: ShapesConfig, processor, masked_per_scene: int = 1, patch
     dummy = None
 
     def add(image_index: int, kind: str, question: str, answer: str) -> None:
-        nonlocal dummy
         if question not in prompt_cache:
             text = prompt_text(processor, question)
             prompt_cache[question] = processor(text=[text], images=[dummy], return_tensors="pt")["input_ids"][0].tolist()
@@ -239,7 +237,6 @@ def evaluate_v2(model, processor, cfg: ShapesConfig, batch_size: int = 64, maske
             pix, _, answer = masked_describe_view(scene, rng)
             samples.append((Image.fromarray(pix), MASKED_KIND, DESCRIBE_QUESTION, answer))
     hits: dict[str, list[bool]] = {}
-    tok = processor.tokenizer
     for start in tqdm(range(0, len(samples), batch_size), desc="evaluate v2", disable=not progress):
         chunk = samples[start : start + batch_size]
         answers = generate_answers(model, processor, [s[0] for s in chunk], [s[2] for s in chunk], max_new_tokens)
@@ -247,7 +244,6 @@ def evaluate_v2(model, processor, cfg: ShapesConfig, batch_size: int = 64, maske
             hits.setdefault(kind, []).append(got == truth)
     per_kind = {k: {"accuracy": float(np.mean(hits[k])), "n": len(hits[k])} for k in KINDS if k in hits}
     every = [h for v in hits.values() for h in v]
-    del tok
     return {"per_kind": per_kind, "accuracy": float(np.mean(every)), "n": len(every), "seed": cfg.seed}
 
 

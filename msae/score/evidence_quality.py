@@ -9,7 +9,6 @@ evidence rule on the calibration world (``msae.calibrate``) and reported on the 
 
 from __future__ import annotations
 
-from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -58,12 +57,13 @@ def evidence_quality(top_examples: pl.DataFrame, gt: pl.DataFrame, sample_image:
 
 def partition_evidence_quality(store: Any, layer: int, width: int, gt: pl.DataFrame) -> dict[str, float] | None:
     """Hit rate and mask precision of a stored partition's top images (None without annotations)."""
+    from msae.data.samples import sample_image_ids
     from msae.latents.stage import TOP, latents_folder
 
     if not (store.exists("world", "objects.parquet") and store.exists("world", "annotations.parquet")):
         return None
     samples = store.read_parquet(store.SAMPLES)
-    sample_image = {str(s): PurePath(i).stem for s, i in zip(samples["sample_id"], samples["image"]) if i}
+    sample_image = sample_image_ids(samples)
     q = evidence_quality(store.read_parquet(latents_folder(layer, width), TOP), gt, sample_image,
                          image_concepts(store.read_parquet("world", "objects.parquet")),
                          patch_concepts(store.read_parquet("world", "annotations.parquet")))

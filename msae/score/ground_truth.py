@@ -537,8 +537,7 @@ def ground_truth_labels(store: Any, layer: int, width: int | str, *, threshold: 
     LLaVA-NeXT-Data run, which has no annotations anyway. Rows with NaN/inf activations are left
     out of both populations.
     """
-    from pathlib import PurePath
-
+    from msae.data.samples import sample_image_ids
     from msae.latents.render import display_tokens
     from msae.sae.formats import load_sae
     from msae.sae.stage import open_layer
@@ -548,7 +547,7 @@ def ground_truth_labels(store: Any, layer: int, width: int | str, *, threshold: 
                          "only the `shapes` dataset has them")
     grids = AnnotationGrids.from_table(store.read_parquet(*ANNOTATIONS))
     samples = store.read_parquet(store.SAMPLES)
-    sample_image = {str(s): PurePath(i).stem for s, i in zip(samples["sample_id"], samples["image"]) if i}
+    sample_image = sample_image_ids(samples)
     tokens = store.read_parquet(store.TOKENS).select(
         "sample_id", "position", "token", "modality", "view", "grid_row", "grid_col", "role")
     array = open_layer(store, layer)
