@@ -40,11 +40,11 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## Planted features"
 
 
-def planted_config(store: str, k: int, token_budget: int, lr: float, seed: int):
+def planted_config(store: str, k: int, token_budget: int, lr: float, seed: int, width: int):
     """A full msae config whose `sae` section is what is benchmarked (dataset/model are unused)."""
     return parse_config({
         "store": store, "dataset": {"kind": "shapes"}, "model": {"name_or_path": "unused", "device": "cpu"},
-        "layers": [0], "widths": [1],
+        "layers": [0], "widths": [width],
         "sae": {"k": k, "token_budget": token_budget, "batch_size": 1024, "lr": lr, "seed": seed,
                 "buffer_rows": 16384, "eval_fraction": 0.1, "loss_samples": 0},
     })
@@ -61,7 +61,7 @@ def run(store_root: str | Path, *, n_rows: int = 131_072, d: int = 64, n_feature
     store.write_parquet(tokens, store.TOKENS)
     save_manifest(store, Manifest("activations", "planted", f"planted-{seed}", {"layer": 0, "rows": n_rows}), "0")
 
-    cfg = planted_config(str(store_root), k, token_budget, lr, seed)
+    cfg = planted_config(str(store_root), k, token_budget, lr, seed, n_features)
     t0 = time.perf_counter()
     result = fit_sae(cfg, store, layer=0, width=n_features, vlm=None, device="cpu")
     wall = time.perf_counter() - t0

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
 from msae.world.config import ShapesConfig
 
 PROFILES = ("embedded", "paper")
+
+logger = logging.getLogger("msae.config")
 
 
 class _Section(BaseModel):
@@ -53,7 +56,34 @@ class DatasetConfig(_Section):
         description="llava: a .json/.jsonl file, or a folder holding one (plus the images).",
     )
     image_root: str | None = Field(
-        None, description="llava: folder that `image` paths are relative to (default: the file's folder)."
+        None,
+        description="Folder that relative `image` paths resolve against, and the dataset's image root: every "
+        "image reference must resolve (after `..` and symlinks) inside it or inside allowed_image_roots. "
+        "llava default: the JSON file's folder; hf default: the dataset folder when `name` is a local folder "
+        "(hub datasets have none: their images arrive as bytes); shapes: always the world folder in the store.",
+    )
+    allowed_image_roots: list[str] = Field(
+        default_factory=list,
+        description="Further folders (or fsspec URL prefixes such as s3://bucket/images) that image references "
+        "may point into, e.g. images shared by several datasets. `file://` references are paths like any other.",
+    )
+    allow_image_urls: bool = Field(
+        False,
+        description="Fetch http(s):// image references (with httpx, bounded by max_image_bytes and "
+        "image_url_timeout_s, never sending credentials). Off: such samples are skipped as 'url_not_allowed'.",
+    )
+    max_image_bytes: int = Field(
+        64 * 1024 * 1024, gt=0, strict=True,
+        description="Skip (as 'image_too_large') an image file or download larger than this many bytes.",
+    )
+    max_image_pixels: int = Field(
+        89_478_485, gt=0, strict=True,
+        description="Skip (as 'image_too_large') an image whose header declares more pixels than this "
+        "(checked before decoding; default: PIL's own limit). PIL itself refuses more than twice its "
+        "Image.MAX_IMAGE_PIXELS whatever this says.",
+    )
+    image_url_timeout_s: float = Field(
+        30.0, gt=0, description="allow_image_urls: seconds one image download may take in all."
     )
     name: str | None = Field(None, description="hf: dataset id or local dataset folder.")
     subset: str | None = Field(None, description="hf: configuration name, if the dataset has several.")
@@ -75,6 +105,14 @@ class DatasetConfig(_Section):
             object.__setattr__(self, "shapes", ShapesConfig())
         if self.kind != "shapes" and self.shapes is not None:
             raise ValueError(f"dataset.shapes is only valid with kind 'shapes', not {self.kind!r}")
+        if any(not r.strip() for r in self.allowed_image_roots):
+            raise ValueError("dataset.allowed_image_roots holds an empty entry; name each folder explicitly")
+        urls = [r for r in self.allowed_image_roots if r.lower().startswith(("http://", "https://"))]
+        if urls:
+            raise ValueError(
+                f"dataset.allowed_image_roots holds URLs {urls}; http(s) images are governed by "
+                "dataset.allow_image_urls, not by roots"
+            )
         return self
 
 
@@ -88,12 +126,12 @@ class ModelConfig(_Section):
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, …")
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
-    batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+    batch_size: Annotated[int, Field(gt=0, strict=True)] | Literal["auto"] = Field(
         8,
         description="Samples per forward pass, or auto: as many as the free GPU memory should hold (at most "
         "auto_batch_max; 8 on CPU). Either way a CUDA out-of-memory halves the batch and retries it.",
     )
-    auto_batch_max: int = Field(64, gt=0, description="batch_size auto: the largest batch tried.")
+    auto_batch_max: int = Field(64, gt=0, strict=True, description="batch_size auto: the largest batch tried.")
     device_map: str | None = Field(
         None,
         description="A model too large for one GPU: 'auto', 'balanced' or 'sequential' spreads it over the "
@@ -110,11 +148,18 @@ class ExtractionConfig(_Section):
 
     include_answer: bool = Field(True, description="Append the answer after the templated question.")
     chunk_samples: int = Field(
-        64, gt=0, description="Samples per resumable chunk (the unit of checkpointing)."
+        64, gt=0, strict=True, description="Samples per resumable chunk (the unit of checkpointing)."
     )
-    rows_per_zarr_chunk: int = Field(4096, gt=0, description="Token rows per zarr chunk.")
+    rows_per_zarr_chunk: int = Field(4096, gt=0, strict=True, description="Token rows per zarr chunk.")
     max_length: int | None = Field(
-        None, gt=0, description="Truncate text tokens beyond this length (image tokens are never cut)."
+        None, gt=0, strict=True, description="Truncate text tokens beyond this length (image tokens are never cut)."
+    )
+    too_long: Literal["skip", "truncate"] = Field(
+        "skip",
+        description="A sample longer than the model's context (its text config's max_position_embeddings; "
+        "image tokens + text, after max_length): skip it (counted as 'too_long' with the other skipped samples) "
+        "or truncate its text to fit. Image tokens are never cut: a sample whose image tokens alone do not fit "
+        "is always skipped.",
     )
     store_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="dtype of the stored activations."
@@ -126,18 +171,18 @@ class SAEConfig(_Section):
 
     source: Literal["train", "pretrained"] = "train"
     architecture: Literal["topk", "batchtopk"] = "topk"
-    k: int = Field(16, gt=0, description="Active latents per token.")
+    k: int = Field(16, gt=0, strict=True, description="Active latents per token.")
     pretrained: str | None = Field(
         None, description="pretrained: local folder or HF repo in sparsify layout."
     )
     hookpoint_template: str = Field(
         "model.layers.{layer}", description="Subfolder of a pretrained repo for a layer."
     )
-    token_budget: int = Field(2_000_000, gt=0, description="Training tokens per SAE.")
+    token_budget: int = Field(2_000_000, gt=0, strict=True, description="Training tokens per SAE.")
     lr: float | None = Field(None, gt=0, description="None: scale with width as in Gao et al.")
-    batch_size: int = Field(1024, gt=0)
+    batch_size: int = Field(1024, gt=0, strict=True, description="Tokens per SAE training step.")
     train_on: Literal["image", "text", "both"] = "both"
-    seed: int = 0
+    seed: StrictInt = 0
     # --- training details (source: train); defaults follow Gao et al. 2024 / sparsify -----------
     include_special: bool = Field(
         False, description="train_on both: also train on special tokens (BOS, image markers, …)."
@@ -146,9 +191,11 @@ class SAEConfig(_Section):
     auxk_coef: float = Field(
         1 / 32, ge=0, description="Weight of the AuxK loss on dead latents (Gao et al.: 1/32; 0 turns it off)."
     )
-    auxk_k: int | None = Field(None, gt=0, description="Dead latents AuxK uses per token; None: d_model / 2.")
+    auxk_k: int | None = Field(
+        None, gt=0, strict=True, description="Dead latents AuxK uses per token; None: d_model / 2."
+    )
     dead_after_tokens: int | None = Field(
-        None, gt=0,
+        None, gt=0, strict=True,
         description="A latent silent for this many training tokens is dead (for AuxK); "
         "None: token_budget / 10, at most 10M.",
     )
@@ -160,21 +207,22 @@ class SAEConfig(_Section):
         "geometric_median", description="Initial pre-encoder bias, from a sample of training tokens."
     )
     init_sample_tokens: int = Field(
-        16384, gt=0, description="Tokens sampled to estimate the normalisation scale and the initial b_dec."
+        16384, gt=0, strict=True,
+        description="Tokens sampled to estimate the normalisation scale and the initial b_dec.",
     )
     buffer_rows: int = Field(
-        65536, gt=0, description="Rows shuffled together in memory (whole zarr chunks are read)."
+        65536, gt=0, strict=True, description="Rows shuffled together in memory (whole zarr chunks are read)."
     )
-    checkpoint_every: int = Field(1000, gt=0, description="Training steps between resumable checkpoints.")
+    checkpoint_every: int = Field(1000, gt=0, strict=True, description="Training steps between resumable checkpoints.")
     eval_fraction: float = Field(
         0.1, ge=0, lt=1, description="Share of samples (not tokens) held out from training for evaluation."
     )
-    eval_tokens: int = Field(100_000, gt=0, description="At most this many held-out tokens are evaluated.")
+    eval_tokens: int = Field(100_000, gt=0, strict=True, description="At most this many held-out tokens are evaluated.")
     dense_threshold: float = Field(
         0.1, gt=0, le=1, description="A latent firing on more than this share of held-out tokens is dense."
     )
     loss_samples: int = Field(
-        16, ge=0,
+        16, ge=0, strict=True,
         description="Held-out samples run through the VLM to measure the next-token loss recovered with the "
         "SAE spliced in (clean / SAE / zero-ablated); 0 turns it off (the VLM is then not loaded).",
     )
@@ -197,23 +245,24 @@ class LatentsConfig(_Section):
     """Which latents to analyse and how their top samples are ranked (the `latent_stats` stage)."""
 
     select: Literal["all", "first", "sample"] = "all"
-    n: int | None = Field(None, gt=0, description="first/sample: number of latents.")
-    top_k: int = Field(5, gt=0, description="Top samples kept per latent and modality.")
+    n: int | None = Field(None, gt=0, strict=True, description="first/sample: number of latents.")
+    top_k: int = Field(5, gt=0, strict=True, description="Top samples kept per latent and modality.")
     ranking: Literal["active_patches", "max", "mean"] = Field(
         "active_patches",
         description="active_patches: the paper's rule (most active base-grid patches, then mean).",
     )
-    seed: int = 0
+    seed: StrictInt = 0
     active_fraction: float = Field(
         0.0, ge=0, lt=1, description="A base-grid patch counts as active when its activation exceeds this fraction "
         "of the sample's largest one. 0 is the method's rule (any positive activation); on models whose latents "
         "also fire weakly everywhere, a fraction keeps masks, rankings and IoUs to where the latent really fires.")
-    batch_samples: int = Field(64, gt=0, description="Samples encoded per step of the streaming pass.")
+    batch_samples: int = Field(64, gt=0, strict=True, description="Samples encoded per step of the streaming pass.")
     text_include_template: bool = Field(
         False, description="Let chat-template tokens count as a sample's peak text token (they are always shown)."
     )
     cards: int | None = Field(
-        None, ge=0, description="Latent cards (PNG) to draw per layer × width; None: one per explained latent."
+        None, ge=0, strict=True,
+        description="Latent cards (PNG) to draw per layer × width; None: one per explained latent.",
     )
 
     @model_validator(mode="after")
@@ -298,7 +347,13 @@ class ExplainerConfig(_Section):
         None, description="Folder with prompt templates overriding the built-in ones (same file names)."
     )
     concurrency: int = Field(4, gt=0, description="openai: requests in flight at once.")
-    timeout_s: float = Field(120.0, gt=0, description="openai: per-request timeout.")
+    timeout_s: float = Field(
+        120.0, gt=0, description="openai: deadline of one HTTP attempt (connect, sending, headers and the whole "
+        "body); a retry gets a new one.")
+    max_response_bytes: int = Field(
+        1_048_576, gt=0, strict=True,
+        description="openai: largest response body read (bytes); a larger one (by its Content-Length, or while "
+        "it streams) is an error answer, not retried.")
     max_retries: int = Field(4, ge=0, description="openai: retries on timeouts, 429 and 5xx (exponential back-off).")
     backoff_s: float = Field(1.0, ge=0, description="openai: first back-off delay; doubles per retry.")
     temperature: float = Field(0.0, ge=0)
@@ -495,8 +550,8 @@ class MsaeConfig(_Section):
     store: str = Field(description="Output root: local folder or fsspec URL (s3://, gs://, memory://).")
     dataset: DatasetConfig
     model: ModelConfig
-    layers: list[int] = Field(min_length=1, description="Decoder layers (0-based) whose output is read.")
-    widths: list[int] = Field(min_length=1, description="SAE widths (number of latents).")
+    layers: list[StrictInt] = Field(min_length=1, description="Decoder layers (0-based) whose output is read.")
+    widths: list[StrictInt] = Field(min_length=1, description="SAE widths (number of latents).")
     extraction: ExtractionConfig = Field(default_factory=ExtractionConfig)
     sae: SAEConfig = Field(default_factory=SAEConfig)
     latents: LatentsConfig = Field(default_factory=LatentsConfig)
@@ -538,6 +593,15 @@ class MsaeConfig(_Section):
             raise ValueError(f"widths has duplicates: {v}")
         return sorted(v)
 
+    @model_validator(mode="after")
+    def _k_fits_widths(self) -> "MsaeConfig":
+        """Each SAE keeps ``sae.k`` of its ``width`` latents active, so k can never exceed a width."""
+        small = [w for w in self.widths if w < self.sae.k]
+        if small:
+            raise ValueError(f"sae.k: {self.sae.k} active latents per token is more than widths {small} have; "
+                             f"choose sae.k <= {min(self.widths)} (the smallest width) or drop those widths")
+        return self
+
 
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names the offending key."""
@@ -547,21 +611,93 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid msae config ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg, given = e["msg"], e.get("input")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; see README 'Configuration')"
+        elif e["type"] == "int_type":  # strict integers: say what was given instead (true, 2.0, "8")
+            msg = f"must be a whole number (e.g. 8), not {type(given).__name__}"
+        if e["type"] != "extra_forbidden" and isinstance(given, (bool, int, float, str)):
+            msg += f" (got {given!r})"
         lines.append(f"  {loc}: {msg}")
     return "\n".join(lines)
 
 
-def parse_config(data: dict[str, Any], source: str = "<dict>") -> MsaeConfig:
-    """Validate a raw mapping; errors name every bad key by its dotted path."""
+def parse_config(data: dict[str, Any], source: str = "<dict>", base: Path | None = None) -> MsaeConfig:
+    """Validate a raw mapping; errors name every bad key by its dotted path.
+
+    ``base``: relative local paths resolve against it (see :func:`resolve_local_paths`) before the
+    checks that read the model's own config (:func:`check_against_model`)."""
     if not isinstance(data, dict):
         raise ConfigError(f"invalid msae config ({source}): top level must be a mapping")
     try:
-        return MsaeConfig.model_validate(data)
+        cfg = MsaeConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+    if base is not None:
+        cfg = resolve_local_paths(cfg, base)
+    check_against_model(cfg, source)
+    return cfg
+
+
+def _local_model_config(model: ModelConfig) -> tuple[dict[str, Any], Path] | None:
+    """The model's config.json and its folder, if readable without the network: a local folder or the HF cache.
+
+    Never downloads: a hub id not in the cache gives None (the extraction stage checks it then)."""
+    folder = Path(model.name_or_path).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model.name_or_path, "config.json", revision=model.revision)
+        except Exception as err:  # noqa: BLE001 - not a repo id, no cache, …: nothing to check against
+            logger.debug("model %r: no cached config.json (%s)", model.name_or_path, err)
+            return None
+        if not isinstance(cached, str):
+            logger.debug("model %r: config.json not in the local cache; depth not checked", model.name_or_path)
+            return None
+        path = Path(cached)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        logger.debug("model %r: config.json unreadable (%s); depth not checked", model.name_or_path, err)
+        return None
+    return (data, path.parent) if isinstance(data, dict) else None
+
+
+def model_depth(model: ModelConfig) -> int | None:
+    """Decoder layers of the model's language model (``text_config.num_hidden_layers``), if known locally."""
+    found = _local_model_config(model)
+    if found is None:
+        return None
+    data, folder = found
+    text = data.get("text_config") if isinstance(data.get("text_config"), dict) else data
+    n = text.get("num_hidden_layers")
+    if n is None:  # saved as a diff against the defaults: let transformers fill them in (local files only)
+        try:
+            from transformers import AutoConfig
+
+            hf = AutoConfig.from_pretrained(folder, local_files_only=True)
+            n = getattr(getattr(hf, "text_config", None) or hf, "num_hidden_layers", None)
+        except Exception as err:  # noqa: BLE001 - an unusual config: the stage checks the layers instead
+            logger.debug("model %r: num_hidden_layers unknown (%s)", model.name_or_path, err)
+            return None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+def check_against_model(cfg: MsaeConfig, source: str = "<dict>") -> None:
+    """``layers`` within the model's depth, when its config can be read locally (never downloads)."""
+    n = model_depth(cfg.model)
+    if n is None:
+        return
+    bad = [layer for layer in cfg.layers if layer >= n]
+    if bad:
+        shown = bad[0] if len(bad) == 1 else bad
+        raise ConfigError(
+            f"invalid msae config ({source}):\n  layers: {shown} is beyond the model's {n} layers (0–{n - 1}); "
+            f"choose layers < {n} (model.name_or_path: {cfg.model.name_or_path})"
+        )
 
 
 def profile_text(name: str) -> str:
@@ -589,7 +725,7 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     if store_override and isinstance(data, dict):
         data["store"] = store_override
     base = Path(path).resolve().parent if path else PROJECT_ROOT
-    return resolve_local_paths(parse_config(data, source), base)
+    return parse_config(data, source, base)
 
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

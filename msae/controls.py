@@ -104,6 +104,9 @@ def run_controls(cfg: Any, store: Store, layer: int, width: int, fingerprint: st
         v, m = run_dissection_oracle(oracle_config(cfg), store, layer, width)
         versions.append(v)
         meta |= m
+    # explainer requests of a control that failed: the controls partition is not done either (it
+    # is recomputed, and the answer cache re-sends exactly those), as for `concepts`
+    meta["incomplete"] = sum(int(v) for k, v in meta.items() if k.endswith("explainer_failures"))
     return hashlib.sha256("-".join(versions).encode()).hexdigest()[:16], meta
 
 
@@ -113,9 +116,10 @@ def run_dissection_oracle(cfg: Any, store: Store, layer: int, width: int) -> tup
     from msae.score.stage import run_concept_scores
 
     ostore = oracle_store(store)
-    run_concepts(cfg, ostore, layer, width)
+    _, concepts_meta = run_concepts(cfg, ostore, layer, width)
     version, meta = run_concept_scores(cfg, ostore, layer, width)
     meta = {f"oracle_{k}": v for k, v in meta.items() if k.startswith("census_")}
+    meta["oracle_explainer_failures"] = int(concepts_meta.get("explainer_failures", 0))
     meta["oracle_root"] = store.url(ORACLE_ROOT)
     return version, meta
 
@@ -136,9 +140,10 @@ def run_random_sae_control(cfg: Any, store: Store, layer: int, width: int, seed:
     save_sae(sae, cstore.url(cstore.sae_name(layer, width)),
              metadata={"control": "random_sae", "seed": seed, "b_dec_from": store.url(store.sae_name(layer, width))})
     run_latent_stats(cfg, cstore, layer, width, fingerprint=fingerprint)
-    run_concepts(cfg, cstore, layer, width)
+    _, concepts_meta = run_concepts(cfg, cstore, layer, width)
     version, meta = run_concept_scores(cfg, cstore, layer, width)
     meta = {f"control_{k}": v for k, v in meta.items() if k.startswith(("census_", "gt_"))}
+    meta["control_explainer_failures"] = int(concepts_meta.get("explainer_failures", 0))
     meta["control_root"] = store.url(CONTROL_ROOT)
     digest = hashlib.sha256(f"{version}-{seed}".encode()).hexdigest()[:16]
     return digest, meta

@@ -11,18 +11,40 @@ All stages address files through :class:`Store` so that a local run and a run wr
     <store>/_progress/…                         extraction checkpoints
     <store>/sae/layer=<L>/width=<W>/            one SAE (sparsify layout + msae.json + train_log.parquet,
                                                 training checkpoints under _checkpoints/)
+    <store>/_manifests/…                        per stage (and partition): fingerprint, data version,
+                                                checksums of its outputs (msae.manifest, msae.integrity)
+    <store>/_locks/…                            one lock (+ holder JSON) per stage being written
+                                                (msae.store_lock)
+
+Which files each stage writes under which partition: :func:`msae.integrity.stage_outputs`.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import secrets
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import polars as pl
 from fsspec.core import url_to_fs
+
+TMP_SUFFIX = ".tmp"
+
+
+def tmp_name(target: str) -> str:
+    """A temporary name beside ``target`` that no other writer shares (pid + random), so two
+    processes or threads writing the same file never write into, rename or delete each other's
+    temporary file; same folder, so the final rename is atomic."""
+    return f"{target}.{os.getpid()}.{secrets.token_hex(6)}{TMP_SUFFIX}"
+
+
+def is_tmp_name(name: str) -> bool:
+    """A file an atomic write has not renamed yet (``tmp_name``, or the older fixed ``.tmp``)."""
+    return name.endswith(TMP_SUFFIX) or f"{TMP_SUFFIX}." in name.rsplit("/", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -61,14 +83,20 @@ class Store:
 
     # --- bytes, json, parquet -------------------------------------------------------------
     def write_bytes(self, data: bytes, *parts: str) -> None:
-        """Write atomically where the filesystem allows (local: temp file + rename)."""
+        """Write atomically where the filesystem allows (local: a temp file of this writer's own,
+        :func:`tmp_name`, then rename; the temp file is removed if the write fails)."""
         target = self.path(*parts)
         self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         if self.is_local:
-            tmp = target + ".tmp"
-            with self.fs.open(tmp, "wb") as f:
-                f.write(data)
-            self.fs.mv(tmp, target)
+            tmp = tmp_name(target)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, target)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
         else:
             with self.fs.open(target, "wb") as f:
                 f.write(data)

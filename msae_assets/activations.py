@@ -13,8 +13,10 @@ settings are left out of the code version: they change speed and memory, not the
 import dagster as dg
 
 from msae.config import ModelConfig, MsaeConfig
-from msae.manifest import Manifest, current_manifest, fingerprint, save_manifest, upstream_version
+from msae.manifest import Manifest, current_manifest, fingerprint, reset_if_damaged, save_manifest, upstream_version
 from msae.store import Store
+from msae.store_lock import stage_lock
+from msae_assets.run_health import tag_run_process
 from msae_assets.checkpoints import CHECKPOINT_ASSET
 from msae_assets.partitions import layer_partitions
 from msae_assets.stage import markdown_table, to_dagster_metadata
@@ -47,6 +49,7 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         pool="vlm",
     )
     def activations(context: dg.AssetExecutionContext, vlm: VLMResource) -> dg.MaterializeResult:
+        tag_run_process(context)
         store = Store(cfg.store)
         ckpt = vlm.checkpoint()
         inputs = {"vqa_samples": upstream_version(store, "vqa_samples")}
@@ -59,8 +62,10 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
             context.log.info(f"activations {wanted}: up to date ({fp}), reusing")
             manifests = [Manifest(m.stage, m.fingerprint, m.data_version, {**m.metadata, "reused": True})
                          for m in done.values() if m is not None]
-        else:
-            manifests = _extract_all_layers(cfg, store, vlm, fp, ckpt.metadata() if ckpt is not None else {})
+        else:  # one writer for all layers (they share tokens.parquet and _progress/); damaged arrays start over
+            with stage_lock(store, "activations", run_id=context.run_id):
+                reset_if_damaged(store, "activations", [str(layer) for layer in cfg.layers])
+                manifests = _extract_all_layers(cfg, store, vlm, fp, ckpt.metadata() if ckpt is not None else {})
             manifests = [m for m in manifests if int(m.metadata["layer"]) in wanted]
         meta = manifests[0].metadata if len(manifests) == 1 else {
             "layers_md": markdown_table([{k: m.metadata[k] for k in ("layer", "rows", "path")} for m in manifests])
@@ -76,11 +81,13 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
 def _extract_all_layers(cfg: MsaeConfig, store: Store, vlm: VLMResource, fp: str,
                         checkpoint_meta: dict) -> list[Manifest]:
     """One forward pass for every configured layer; a manifest per layer (with the checkpoint used)."""
+    from msae.data.images import ImageLimits
     from msae.data.samples import read_samples
     from msae.extract.extractor import extract_activations
 
     with vlm.load() as loaded:
-        result = extract_activations(read_samples(store), loaded, cfg.layers, store, cfg.extraction)
+        result = extract_activations(read_samples(store), loaded, cfg.layers, store, cfg.extraction,
+                                     image_limits=ImageLimits.from_config(cfg.dataset))
     common = {**result.summary(), **checkpoint_meta}
     manifests = []
     for layer in cfg.layers:

@@ -1,9 +1,17 @@
-"""Asset `concepts` (layer × width): a visual and a textual concept per explained latent and prompting mode."""
+"""Asset `concepts` (layer × width): a visual and a textual concept per explained latent and prompting mode.
+
+Check per partition: ``explainer_requests_ok`` (severity WARN) — every explainer request was
+answered. A partition with failed requests still materializes (its other proposals are usable)
+but is recorded as incomplete, so the next materialization re-sends exactly the failed requests.
+"""
+
+import warnings
 
 import dagster as dg
 
 from msae.config import MsaeConfig
 from msae.store import Store
+from msae_assets.partitions import layer_width_partitions
 from msae_assets.per_sae import build_per_sae_asset
 from msae_assets.stage import markdown_table
 from msae_assets.versions import code_version
@@ -28,13 +36,34 @@ def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:
     return {**meta, "examples_md": markdown_table(rows)}
 
 
+REQUESTS_OK = "explainer_requests_ok"
+
+
+def concepts_checks(meta: dict) -> list[dg.AssetCheckResult]:
+    """WARN (not an error: the answered proposals stand) when explainer requests failed, with the
+    count and a few examples; reused manifests are always complete, so they pass."""
+    failed = int(meta.get("explainer_failures", meta.get("errors", 0)) or 0)
+    return [dg.AssetCheckResult(
+        check_name=REQUESTS_OK, passed=failed == 0, severity=dg.AssetCheckSeverity.WARN,
+        metadata={"failed": failed, "requests": int(meta.get("requests", 0)),
+                  "reasons": dg.MetadataValue.json(meta.get("explainer_failure_reasons", {})),
+                  "examples": dg.MetadataValue.json(meta.get("explainer_failure_examples", []))},
+        description=None if failed == 0 else f"{failed} explainer requests failed; the next materialization "
+        "re-sends them (answers that arrived are cached)")]
+
+
 def build_concepts_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     from msae.explain.stage import run_concepts
 
+    with warnings.catch_warnings():  # partitioned checks are preview in 1.13
+        warnings.simplefilter("ignore")
+        specs = [dg.AssetCheckSpec(REQUESTS_OK, asset="concepts", partitions_def=layer_width_partitions(cfg),
+                                   description="every explainer request of the partition was answered "
+                                   "(WARN otherwise: failed ones are re-sent on the next materialization)")]
     return build_per_sae_asset(
         cfg, name="concepts", upstream=["latent_stats"], version=concepts_code_version(cfg),
         compute=lambda store, layer, width, fp: run_concepts(cfg, store, layer, width),
         description="Explainer proposals (masked regions and whole-image baseline) → "
         "<store>/concepts/layer=<L>/width=<W>/proposals.parquet.",
-        group="concepts", kinds={"parquet"}, decorate=_decorate,
+        group="concepts", kinds={"parquet"}, decorate=_decorate, check_specs=specs, checks=concepts_checks,
     )

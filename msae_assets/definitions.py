@@ -12,6 +12,7 @@ from msae_assets.concepts import build_concepts_asset
 from msae_assets.controls import build_controls_asset
 from msae_assets.latent_stats import build_latent_stats_asset
 from msae_assets.report import build_report_asset
+from msae_assets.run_health import start_driver_watchdog
 from msae_assets.sae import build_sae_asset
 from msae_assets.samples import build_vqa_samples_asset
 from msae_assets.sensors import build_checkpoint_sensors
@@ -32,4 +33,5 @@ def build_definitions(cfg: MsaeConfig) -> dg.Definitions:
     )
 
 
+start_driver_watchdog()  # only in a process the msae driver started: it ends when the driver does
 defs = build_definitions(load_config())

@@ -5,12 +5,18 @@ unpartitioned assets go first, then each per-layer stage over its full key range
 backfill policy is single-run), then the layer × width stages (`sae` and what follows it) one
 `--partition "<layer>|<width>"` call per key, so that every key gets its own metadata and check
 results, then the unpartitioned `report`. Used by `make demo` and `.ci/run`.
+
+Before the first call, runs left unfinished by a killed process are failed and their pool slots
+released (:mod:`msae_assets.run_health`), so a resume after kill -9 needs no manual step. The
+Dagster processes started here end when this driver ends, however it ends: SIGINT/SIGTERM are
+passed on to them, and their watchdog stops them if the driver is killed outright.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +62,42 @@ def ensure_dagster_home() -> str:
     return home
 
 
+def reap_instance() -> None:
+    """Fail the runs of this instance that a killed process left STARTED (they hold pool slots)."""
+    import dagster as dg
+
+    from msae_assets.run_health import format_reaped, reap_dead_runs
+
+    with dg.DagsterInstance.get() as instance:
+        for line in format_reaped(reap_dead_runs(instance)):
+            print(line, flush=True)
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run one Dagster CLI call that ends with this driver: it gets our pid (its watchdog stops it
+    if we are killed) and the SIGINT/SIGTERM we receive; returns its exit status."""
+    from msae_assets.run_health import DRIVER_PID_ENV
+
+    child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, DRIVER_PID_ENV: str(os.getpid())})
+
+    def forward(signum: int, _frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:  # we are leaving for another reason (an exception): do not orphan it
+            child.terminate()
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
@@ -65,10 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     from msae_assets.definitions import build_definitions
 
     defined = tuple(a.key.to_user_string() for a in build_definitions(cfg).assets)
+    if not args.dry_run:
+        reap_instance()
     for cmd in materialize_commands(cfg, defined):
         print("+", " ".join(cmd[1:]).replace(IN_PROCESS, f"'{IN_PROCESS}'"), flush=True)
         if not args.dry_run:
-            rc = subprocess.call(cmd, cwd=PROJECT_ROOT)
+            rc = run_child(cmd)
             if rc != 0:
                 print(f"materialize failed (exit {rc}) at: {' '.join(cmd[3:])}", file=sys.stderr)
                 return rc

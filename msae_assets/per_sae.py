@@ -1,6 +1,6 @@
 """The shape every layer × width stage after `sae` shares: one partition in, files out, a manifest."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dagster as dg
@@ -13,6 +13,8 @@ from msae_assets.stage import run_stage, to_dagster_metadata
 
 Compute = Callable[[Store, int, int, str], tuple[str, dict[str, Any]]]
 """(store, layer, width, fingerprint) -> (data version, metadata)."""
+Checks = Callable[[dict[str, Any]], list[dg.AssetCheckResult]]
+"""The stage's metadata (computed or reused) -> one result per check spec."""
 
 
 def sae_partition(context: dg.AssetExecutionContext) -> tuple[int, int]:
@@ -23,11 +25,16 @@ def sae_partition(context: dg.AssetExecutionContext) -> tuple[int, int]:
 def build_per_sae_asset(
     cfg: MsaeConfig, *, name: str, upstream: list[str], version: str, compute: Compute, description: str,
     group: str, kinds: set[str], decorate: Callable[[Store, int, int, dict], dict] | None = None,
+    check_specs: Sequence[dg.AssetCheckSpec] = (), checks: Checks | None = None,
 ) -> dg.AssetsDefinition:
-    """An asset partitioned like `sae`, reading its upstream stages of the same partition."""
+    """An asset partitioned like `sae`, reading its upstream stages of the same partition.
+
+    ``check_specs``/``checks``: asset checks evaluated from the stage's metadata on every
+    materialization (also when the manifest is reused), so their results always describe the output.
+    """
 
     @dg.asset(name=name, code_version=version, partitions_def=layer_width_partitions(cfg), deps=upstream,
-              description=description, kinds=kinds, group_name=group)
+              description=description, kinds=kinds, group_name=group, check_specs=list(check_specs))
     def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from msae.manifest import fingerprint
 
@@ -38,8 +45,10 @@ def build_per_sae_asset(
         fp = fingerprint(version, inputs)
         m = run_stage(context, store, name, version, inputs, lambda: compute(store, layer, width, fp), partition=part)
         meta = dict(m.metadata)
+        results = checks(meta) if checks is not None else []
         if decorate is not None:
             meta = decorate(store, layer, width, meta)
-        return dg.MaterializeResult(metadata=to_dagster_metadata(meta), data_version=dg.DataVersion(m.data_version))
+        return dg.MaterializeResult(metadata=to_dagster_metadata(meta), data_version=dg.DataVersion(m.data_version),
+                                    check_results=results)
 
     return _asset

@@ -1,4 +1,8 @@
-"""The one pattern every asset follows: fingerprint → reuse the manifest or compute → record it."""
+"""The one pattern every asset follows: fingerprint → reuse the manifest or compute → record it.
+
+Reuse is a checked cache (the recorded outputs must exist and match their checksums,
+:mod:`msae.integrity`), and computing holds the stage's write lock (:mod:`msae.store_lock`).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,11 @@ from typing import Any
 
 import dagster as dg
 
-from msae.manifest import Manifest, current_manifest, fingerprint, save_manifest
+from msae.integrity import where
+from msae.manifest import Manifest, check_manifest, fingerprint, reset_if_damaged, save_manifest
 from msae.store import Store
+from msae.store_lock import stage_lock
+from msae_assets.run_health import tag_run_process
 
 
 def run_stage(
@@ -20,20 +27,30 @@ def run_stage(
     compute: Callable[[], tuple[str, dict[str, Any]]],
     partition: str | None = None,
 ) -> Manifest:
-    """Return the stage's manifest, computing only when its fingerprint changed.
+    """Return the stage's manifest, computing only when its fingerprint changed or its recorded
+    outputs are missing or damaged.
 
-    ``compute`` returns (data_version, json-able metadata). The manifest is written only after
-    the stage's outputs are complete, so a crash never leaves a manifest that lies.
+    ``compute`` returns (data_version, json-able metadata). It runs under the stage's write lock
+    (a second writer of the same stage output fails at once, naming this one). The manifest, with
+    the checksums of the outputs, is written only after the stage's outputs are written, so a
+    crash never leaves a manifest that lies; a compute whose metadata has ``incomplete`` > 0
+    (parts that failed and can be retried) is recorded but not reused (see
+    :func:`msae.manifest.check_manifest`).
     """
+    tag_run_process(context)  # which process runs this: a killed run is then failed by the next driver call
     fp = fingerprint(code_version, inputs)
-    done = current_manifest(store, stage, fp, partition)
-    if done is not None:
-        context.log.info(f"{stage}{f'[{partition}]' if partition else ''}: up to date ({fp}), reusing")
-        return Manifest(done.stage, done.fingerprint, done.data_version, {**done.metadata, "reused": True})
-    data_version, metadata = compute()
-    manifest = Manifest(stage, fp, data_version, {**metadata, "reused": False})
-    save_manifest(store, manifest, partition)
-    return manifest
+    done, why = check_manifest(store, stage, fp, partition)
+    if done is None:
+        with stage_lock(store, stage, partition, run_id=getattr(context, "run_id", None)):
+            done, why_now = check_manifest(store, stage, fp, partition)  # another writer may just have finished
+            if done is None:
+                context.log.info(f"{where(stage, partition)}: computing ({why})")
+                reset_if_damaged(store, stage, [partition])
+                data_version, metadata = compute()
+                return save_manifest(store, Manifest(stage, fp, data_version, {**metadata, "reused": False}), partition)
+            why = why_now
+    context.log.info(f"{where(stage, partition)}: {why}, reusing")
+    return Manifest(done.stage, done.fingerprint, done.data_version, {**done.metadata, "reused": True}, done.outputs)
 
 
 def to_dagster_metadata(meta: dict[str, Any]) -> dict[str, Any]:

@@ -17,9 +17,9 @@ STAGE_REVISIONS: dict[str, int] = {
     "activations": 1,
     "sae": 1,
     "latent_stats": 1,
-    "concepts": 1,
+    "concepts": 2,  # 2: failed explainer requests make a partition incomplete (recomputed, not reused)
     "concept_scores": 1,
-    "controls": 1,
+    "controls": 2,  # 2: likewise for the controls' explainer requests
     "report": 1,
 }
 

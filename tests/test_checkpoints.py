@@ -125,7 +125,7 @@ def test_model_for_checkpoint_keeps_everything_else():
 
 def test_config_validation(tmp_path):
     base = {"store": str(tmp_path), "dataset": {"kind": "shapes"}, "model": {"name_or_path": "m"},
-            "layers": [0], "widths": [8]}
+            "layers": [0], "widths": [16]}
     cfg = parse_config({**base, "checkpoints": {"watch": "folder", "location": str(tmp_path), "cron": "0 3 * * *"}})
     assert cfg.checkpoints.watch == "folder" and not cfg.checkpoints.enabled
     with pytest.raises(ConfigError, match="absolute"):

@@ -103,7 +103,7 @@ def test_failure_reasons(tmp_path):
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "dir.png").mkdir()
     assert _reason(str(tmp_path / "nope.png")) == "missing_image"
-    assert _reason(str(tmp_path / "dir.png")) == "missing_image"
+    assert _reason(str(tmp_path / "dir.png")) == "not_regular_file"  # only regular files are opened
     assert _reason(str(tmp_path / "garbage.png")) == "unreadable_image"
     assert _reason(str(tmp_path / "empty.png")) == "empty_image"
 

@@ -1,6 +1,6 @@
 """VQA datasets: loading (shapes world, LLaVA files, Hugging Face), validation, the sample table."""
 
-from msae.data.images import BadImage, load_image_rgb, to_rgb
+from msae.data.images import BadImage, ImageLimits, ImagePolicy, check_image_ref, load_image_rgb, to_rgb
 from msae.data.samples import (
     DatasetError,
     SamplesResult,
@@ -14,9 +14,12 @@ from msae.data.samples import (
 __all__ = [
     "BadImage",
     "DatasetError",
+    "ImageLimits",
+    "ImagePolicy",
     "SamplesResult",
     "VQASample",
     "build_samples",
+    "check_image_ref",
     "iter_samples",
     "load_image_rgb",
     "read_samples",

@@ -3,7 +3,9 @@
 Hub ids and local folders go through one function: a folder written by ``save_to_disk`` is
 opened with ``load_from_disk``; anything else (hub id, folder of parquet/json files) is streamed
 with ``load_dataset``. Images are read undecoded (``Image(decode=False)``) so a corrupt image
-becomes a skipped sample instead of an exception that ends the stream.
+becomes a skipped sample instead of an exception that ends the stream. An image given as a path
+string (no bytes) resolves against ``image_root``, else the dataset folder, and must stay inside it
+or ``allowed_image_roots`` (:func:`msae.data.samples.image_policy`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 A record is ``{"id", "image": "relative/path.jpg", "conversations": [{"from", "value"}, ...]}``;
 the first human→gpt turn pair is the sample's question and answer. Files are ``.json`` (one
 list, loaded whole) or ``.jsonl`` (streamed line by line, so a bad line only skips itself).
-Paths may be local or fsspec URLs.
+Paths may be local or fsspec URLs; image paths must stay inside the image root (``image_root``,
+default the file's folder), see :func:`msae.data.samples.image_policy`.
 """
 
 from __future__ import annotations
@@ -94,8 +95,18 @@ def _find_file(path: str) -> tuple[AbstractFileSystem, str, str]:
     return fs, file, file if _is_local(path) else f"{path.rstrip('/')}/{posixpath.basename(file)}"
 
 
+def llava_image_root(path: str, image_root: str | None = None) -> str:
+    """The folder a dataset's image paths resolve against and must stay inside: ``image_root``,
+    else the folder of the .json/.jsonl file (see :mod:`msae.data.images` for the confinement)."""
+    return image_root or posixpath.dirname(_find_file(path)[2])
+
+
 def _image_resolver(image_root: str) -> Callable[[object], str | None]:
-    """Maps a record's image field to an absolute local path, or a URL under a remote root."""
+    """Maps a record's image field to an absolute local path, or a URL under a remote root.
+
+    Only joins and normalises: whether the result may be opened (inside the root, an allowed
+    scheme) is decided later, for every dataset kind alike, by :func:`msae.data.images.check_image_ref`.
+    """
     root = url_to_fs(image_root)[1] if _is_local(image_root) else image_root.rstrip("/")
 
     def resolve(value: object) -> str | None:
@@ -151,7 +162,7 @@ def iter_llava_records(
     only the first ``ceil(fraction × records)`` records are read.
     """
     fs, file, ref = _find_file(path)
-    resolve = _image_resolver(image_root or posixpath.dirname(ref))
+    resolve = _image_resolver(image_root or posixpath.dirname(ref))  # as llava_image_root
     if file.endswith(".jsonl"):
         objects: Iterator[tuple[str, object]] = _jsonl_objects(fs, file)
         total = _count_jsonl(fs, file) if fraction is not None else None

@@ -2,7 +2,8 @@
 
 Loaders (:mod:`msae.data.llava`, :mod:`msae.data.hf`) yield raw :class:`Record` s or
 :class:`Skip` s; :func:`build_samples` checks each record once here (text, duplicate id, image
-decodes fully) so every later stage can trust the table. Bad samples are skipped and counted by
+lies inside the dataset's image root and decodes fully within the size limits, see
+:func:`image_policy`) so every later stage can trust the table. Bad samples are skipped and counted by
 reason rather than failing the run: real datasets always have a few broken images.
 """
 
@@ -15,6 +16,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, get_args
 
 import polars as pl
@@ -22,16 +24,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from msae.config import DatasetConfig
-from msae.data.images import BadImage, decode_image, load_image_rgb, save_png
+from msae.data.images import (
+    BadImage,
+    ImageLimits,
+    ImagePolicy,
+    ImageReason,
+    check_pixels,
+    decode_image,
+    open_dataset_image,
+    save_png,
+)
 from msae.store import Store
 
 logger = logging.getLogger("msae.data")
 
 SkipReason = Literal[
-    "missing_image",
-    "unreadable_image",
-    "truncated_image",
-    "empty_image",
+    ImageReason,  # every way an image can fail (msae.data.images), then the record's own
     "no_image",
     "empty_question",
     "empty_answer",
@@ -55,7 +63,8 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class VQASample:
-    """One validated sample; ``image`` is a local absolute path or fsspec URL."""
+    """One validated sample; ``image`` is a local absolute path, an fsspec URL inside the dataset's
+    image root or the store, or an http(s) URL (``allow_image_urls``), checked when the table was built."""
 
     sample_id: str
     image: str | None
@@ -191,17 +200,39 @@ def _text_problem(rec: Record, kept_ids: set[str]) -> tuple[str, str] | None:
     return None
 
 
-def _materialise(rec: Record, store: Store) -> str:
-    """Check the image decodes fully; in-memory images are written to the store as PNG.
+def image_policy(cfg: DatasetConfig, store: Store) -> ImagePolicy:
+    """Where this dataset's image references may point (see ``DatasetConfig.allowed_image_roots``).
+
+    The dataset's own image root: llava, ``image_root`` or the JSON file's folder; hf,
+    ``image_root`` or the dataset folder when ``name`` is a local folder (hub datasets have none:
+    their images arrive as bytes); shapes, the world folder in the store.
+    """
+    if cfg.kind == "llava":
+        from msae.data.llava import llava_image_root
+
+        assert cfg.path is not None
+        root: str | None = llava_image_root(cfg.path, cfg.image_root)
+    elif cfg.kind == "hf":
+        assert cfg.name is not None
+        root = cfg.image_root or (cfg.name if Path(cfg.name).is_dir() else None)
+    else:
+        root = store.url("world")
+    return ImagePolicy.build(root, cfg.allowed_image_roots, cfg.allow_image_urls, ImageLimits.from_config(cfg))
+
+
+def _materialise(rec: Record, store: Store, policy: ImagePolicy) -> str:
+    """Check the image may be read and decodes fully; in-memory images are written to the store as PNG.
 
     Returns the path/URL the extractor will open. Raises :class:`BadImage`.
     """
+    label = f"image of {rec.sample_id}"
     if isinstance(rec.image, str):
-        load_image_rgb(rec.image)  # decoded for validation only, then dropped
-        return rec.image
+        ref, _ = open_dataset_image(rec.image, policy)  # decoded for validation only, then dropped
+        return ref
     if isinstance(rec.image, bytes):
-        return save_png(decode_image(rec.image, f"image of {rec.sample_id}"), rec.sample_id, store)
+        return save_png(decode_image(rec.image, label, policy.limits), rec.sample_id, store)
     assert isinstance(rec.image, Image.Image)
+    check_pixels(rec.image, label, policy.limits)
     return save_png(rec.image, rec.sample_id, store)
 
 
@@ -225,6 +256,7 @@ def build_samples(cfg: DatasetConfig, store: Store) -> SamplesResult:
     kept_ids: set[str] = set()
     n_seen = 0
     with contextlib.closing(_records(cfg, store)) as records:  # closes files when `limit` stops early
+        policy = image_policy(cfg, store)
         for index, item in tqdm(records, desc=f"samples of {name}", unit=" rec", disable=None):
             n_seen += 1
             if isinstance(item, Skip):
@@ -235,7 +267,7 @@ def build_samples(cfg: DatasetConfig, store: Store) -> SamplesResult:
                 skips.add(item.sample_id, *problem)
                 continue
             try:
-                image = _materialise(item, store)
+                image = _materialise(item, store, policy)
             except BadImage as err:
                 skips.add(item.sample_id, err.reason, err.detail)
                 continue

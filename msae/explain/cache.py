@@ -17,7 +17,8 @@ different top examples (new data, another ranking) are never reused. Generation 
 (temperature, max_tokens) are deliberately not part of the key: they rarely change and answers
 are expensive. Use a different ``folder`` to force fresh answers.
 
-Errors are never stored: a restart retries them.
+Errors are never stored (nor returned, should a file hold one): a restart retries them, and the
+`concepts` stage records a partition with failed requests as incomplete so that a rerun happens.
 """
 
 from __future__ import annotations
@@ -109,6 +110,8 @@ class ExplanationCache:
             log.warning("explanation cache: ignoring unreadable %s/%s (%s)", directory, name, type(err).__name__)
             return None
         if (answer.latent, answer.kind, answer.prompting) != (request.latent, request.kind, request.prompting):
+            return None
+        if answer.status == "error":  # never written by put; a stored failure must not become final
             return None
         return answer
 

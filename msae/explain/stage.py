@@ -20,6 +20,7 @@ import numpy as np
 import polars as pl
 
 from msae.config import ExplainerConfig, ModelConfig, MsaeConfig
+from msae.data.images import DEFAULT_LIMITS, ImageLimits
 from msae.explain.base import ExplainAnswer, ExplainExample, Explainer, ExplainRequest
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ PROPOSAL_SCHEMA = {
     "visual_raw": pl.Utf8, "textual_raw": pl.Utf8,
     "explainer": pl.Utf8, "visual_prompt_version": pl.Utf8, "textual_prompt_version": pl.Utf8,
 }
-RUNTIME_ONLY = {"concurrency", "timeout_s", "max_retries", "backoff_s", "batch_size", "device", "api_key_env"}
+RUNTIME_ONLY = {"concurrency", "timeout_s", "max_retries", "backoff_s", "batch_size", "device", "api_key_env",
+                "max_response_bytes"}
 """Explainer settings that change how answers are fetched, not what they are: left out of versions."""
 
 
@@ -129,7 +131,8 @@ def _text_example(t: Any) -> ExplainExample:
                           peak_token=display_tokens(t.pieces)[peak].strip())
 
 
-def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig) -> list[ExplainRequest]:
+def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig,
+                   image_limits: ImageLimits = DEFAULT_LIMITS) -> list[ExplainRequest]:
     """Visual requests per prompting mode and one textual request per latent.
 
     A top text's marked word is its evidence peak (which honours template eligibility, as on the
@@ -139,7 +142,8 @@ def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig) -> list[Expla
     from msae.latents.render import mask_inactive
 
     requests = []
-    image = functools.lru_cache(maxsize=512)(load_image_rgb)  # an image often tops several latents
+    # an image often tops several latents; read under the dataset's limits, as extraction read it
+    image = functools.lru_cache(maxsize=512)(functools.partial(load_image_rgb, limits=image_limits))
     for latent, ev in sorted(evidence.items()):
         images = ev.images[: cfg.examples]
         loaded = [image(ex.image_path) for ex in images]
@@ -182,8 +186,38 @@ def proposals_frame(latents: Sequence[int], answers: Sequence[ExplainAnswer], cf
     return pl.DataFrame(rows, schema=PROPOSAL_SCHEMA)
 
 
+FAILURE_EXAMPLES = 5
+"""Failed requests named (latent, kind, prompting, reason) in the metadata; the rest are only counted."""
+
+
+def failure_summary(requests: Sequence[ExplainRequest], answers: Sequence[ExplainAnswer]) -> dict[str, Any]:
+    """Failed and missing explainer requests, for the stage's metadata and its check.
+
+    ``incomplete`` > 0 keeps the manifest from being reused (:func:`msae.manifest.current_manifest`),
+    so a rerun asks again; answers that arrived are cached, so it re-sends only the failed ones.
+    A request without an answer (a backend that dropped it) counts as failed too.
+    """
+    answered = {(a.latent, a.kind, a.prompting) for a in answers}
+    failed = [(a.latent, a.kind, a.prompting, a.raw or "unknown") for a in answers if a.status == "error"]
+    failed += [(r.latent, r.kind, r.prompting, "no answer") for r in requests
+               if (r.latent, r.kind, r.prompting) not in answered]
+    reasons: dict[str, int] = {}
+    for *_, reason in failed:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return {
+        "explainer_failures": len(failed), "incomplete": len(failed),
+        "explainer_failure_reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "explainer_failure_examples": [f"latent {lat} {kind}/{prompting}: {reason}"
+                                       for lat, kind, prompting, reason in sorted(failed)[:FAILURE_EXAMPLES]],
+    }
+
+
 def run_concepts(cfg: MsaeConfig, store: Any, layer: int, width: int) -> tuple[str, dict[str, Any]]:
-    """Propose concepts for every explained latent; returns (data version, metadata)."""
+    """Propose concepts for every explained latent; returns (data version, metadata).
+
+    Failed requests (status 'error') leave rows without a concept and make the metadata's
+    ``incomplete`` the number of them: the stage is then not reused, and the next run re-sends them.
+    """
     from msae.latents.evidence import load_evidence
     from msae.latents.stage import STATS, latents_folder
 
@@ -191,16 +225,21 @@ def run_concepts(cfg: MsaeConfig, store: Any, layer: int, width: int) -> tuple[s
     latents = stats.filter(pl.col("explained"))["latent"].to_list()
     evidence = load_evidence(store, layer, width, latents)
     explainer = make_explainer(cfg, store, layer, width)
-    requests = build_requests(evidence, cfg.explainer)
+    requests = build_requests(evidence, cfg.explainer, ImageLimits.from_config(cfg.dataset))
     answers = explainer.explain(requests)
     frame = proposals_frame(latents, answers, cfg.explainer, explainer)
     folder = concepts_folder(layer, width)
     store.write_parquet(frame, folder, PROPOSALS)
     digest = hashlib.sha256(store.read_bytes(folder, PROPOSALS)).hexdigest()[:16]
     status = frame.group_by("prompting", "visual_status").len().sort("prompting", "visual_status")
+    failures = failure_summary(requests, answers)
+    if failures["explainer_failures"]:
+        log.warning("concepts[layer=%d/width=%d]: %d of %d explainer requests failed (%s); the stage is "
+                    "recorded as incomplete and the next run re-sends only those", layer, width,
+                    failures["explainer_failures"], len(requests), failures["explainer_failure_reasons"])
     meta = {
         "latents": len(latents), "requests": len(requests), "explainer": explainer.name,
-        "errors": sum(a.status == "error" for a in answers),
+        "errors": failures["explainer_failures"], **failures,
         "proposals_path": store.url(folder, PROPOSALS),
         **{f"visual_{r['prompting']}_{r['visual_status']}": r["len"] for r in status.iter_rows(named=True)},
         **{f"textual_{k}": int(v) for k, v in zip(*np.unique(

@@ -19,6 +19,7 @@ import polars as pl
 import torch
 
 from msae.config import ExtractionConfig
+from msae.data.images import DEFAULT_LIMITS, ImageLimits
 from msae.extract.hooks import capture_residual
 from msae.extract.prepare import SAMPLE_COLUMNS, Prepared, _Preparer
 from msae.extract.token_map import ANSWER, ImageTokenMapper
@@ -86,7 +87,7 @@ def _prefetched(pool: ThreadPoolExecutor, fn: Any, items: list[Any], ahead: int 
 
 def prepare_batches(
     samples: pl.DataFrame, vlm: LoadedVLM, cfg: ExtractionConfig, batch_size: int | None = None,
-    *, answer_mask: bool = False,
+    *, answer_mask: bool = False, image_limits: ImageLimits = DEFAULT_LIMITS,
 ) -> Iterator[dict[str, Any]]:
     """Model inputs for ``samples`` built exactly as extraction builds them (same rendering,
     processor call and truncation), as right-padded batches WITH ``attention_mask`` (marking the
@@ -95,7 +96,7 @@ def prepare_batches(
 
     ``answer_mask``: also a bool ``[batch, T]`` ``"answer_mask"`` of the answer's tokens (all False
     where the processor gives no offsets); pop it before calling the model."""
-    prep = _Preparer(vlm, cfg, ImageTokenMapper(vlm.model))
+    prep = _Preparer(vlm, cfg, ImageTokenMapper(vlm.model), image_limits)
     pad_id = vlm.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else 0
     rows = list(samples.select([c for c in SAMPLE_COLUMNS if c in samples.columns]).iter_rows(named=True))

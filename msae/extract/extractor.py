@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from msae.config import ExtractionConfig
+from msae.data.images import DEFAULT_LIMITS, ImageLimits
 from msae.extract.batching import (
     _batches,
     _forward_rows,
@@ -70,7 +71,8 @@ def validate_layers(model: torch.nn.Module, layers: list[int]) -> list[int]:
         raise ValueError(f"layers: must be integers, got {layers}")
     bad = [layer for layer in layers if not 0 <= layer < n]
     if bad:
-        raise ValueError(f"layers: {bad} out of range; the model has {n} decoder layers (valid: 0..{n - 1})")
+        raise ValueError(f"layers: {bad} out of range; the model has {n} decoder layers (valid: 0..{n - 1}): "
+                         f"choose layers < {n}")
     if len(set(layers)) != len(layers):
         raise ValueError(f"layers: duplicates in {layers}")
     return sorted(layers)
@@ -94,8 +96,11 @@ def extract_activations(
     cfg: ExtractionConfig,
     progress: bool = True,
     batch_size: int | None = None,
+    image_limits: ImageLimits = DEFAULT_LIMITS,
 ) -> ExtractionResult:
     """Extract the residual stream after ``layers`` for every sample; see the module docstring.
+
+    ``image_limits``: the dataset's bounds on an image read (``ImageLimits.from_config``).
 
     Samples whose image cannot be loaded or that the processor rejects are skipped and counted
     by reason; if none is left an :class:`ExtractionError` names the reasons.
@@ -146,7 +151,7 @@ def extract_activations(
     if resumed:
         logger.info("resuming extraction: %d/%d chunks already done", resumed, n_chunks)
     mapper = ImageTokenMapper(vlm.model)
-    prep = _Preparer(vlm, cfg, mapper)
+    prep = _Preparer(vlm, cfg, mapper, image_limits)
     pad_id = vlm.tokenizer.pad_token_id
     pad_id = pad_id if pad_id is not None else 0
     model = vlm.model

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from msae.config import ExtractionConfig
+from msae.data.images import DEFAULT_LIMITS, ImageLimits
 from msae.extract.token_map import (
     ChatRenderer,
     ImageTokenMapper,
@@ -29,6 +30,7 @@ from msae.vlm.load import LoadedVLM
 logger = logging.getLogger("msae.extract")
 
 SAMPLE_COLUMNS = ("sample_id", "image", "question", "answer")
+LOUD_SKIPS = 3  # too-long samples logged as warnings per run; the rest at debug level (all are counted)
 
 
 @dataclass
@@ -50,7 +52,11 @@ class Skipped:
 class _Preparer:
     """Image loading, chat rendering, processor call and token mapping for one sample."""
 
-    def __init__(self, vlm: LoadedVLM, cfg: ExtractionConfig, mapper: ImageTokenMapper) -> None:
+    def __init__(self, vlm: LoadedVLM, cfg: ExtractionConfig, mapper: ImageTokenMapper,
+                 image_limits: ImageLimits = DEFAULT_LIMITS) -> None:
+        """``image_limits``: the dataset's bounds on one image read (default: the library's), so an
+        image the samples stage accepted under raised limits is read here under the same ones."""
+        self.image_limits = image_limits
         self.processor = vlm.processor
         self.tokenizer = vlm.tokenizer
         self.cfg = cfg
@@ -61,6 +67,10 @@ class _Preparer:
         self.special_ids = special_ids(self.tokenizer, self.image_token_id)
         self.offsets_ok = True
         self._warned_roles = False
+        self.max_positions = context_length(vlm.model)
+        self._too_long_logged = 0
+        if self.max_positions is None:
+            logger.info("the model's config gives no max_position_embeddings: sequence lengths are not checked")
 
     def _process(self, img: Any, text: str) -> Any:
         kwargs: dict[str, Any] = {"return_tensors": "pt"}
@@ -84,7 +94,7 @@ class _Preparer:
         img = None
         if row.get("image"):
             try:
-                img = load_image_rgb(row["image"])
+                img = load_image_rgb(row["image"], self.image_limits)
                 if img.mode != "RGB":
                     img = to_rgb(img)
             except BadImage as err:
@@ -124,6 +134,14 @@ class _Preparer:
             ids, ids_np = ids[:keep], ids_np[:keep]
             roles = roles[:keep] if roles is not None else None
 
+        # the model's context: a longer sequence is skipped or (text only) truncated, never fed as is
+        if self.max_positions is not None and len(ids_np) > self.max_positions:
+            why = self._beyond_context(sid, ids_np)
+            if why is not None:
+                return Skipped(index, sid, "too_long", why)
+            ids, ids_np = ids[: self.max_positions], ids_np[: self.max_positions]
+            roles = roles[: self.max_positions] if roles is not None else None
+
         tokens = SampleTokens(index, sid, ids_np, roles, layouts)
         try:  # the model would refuse this input too: skip it, loudly
             classify(ids_np, self.image_token_id, self.special_ids, layouts, f"sample {sid!r}")
@@ -131,6 +149,42 @@ class _Preparer:
             logger.warning(str(err))
             return Skipped(index, sid, "image_token_mismatch", str(err))
         return Prepared(tokens, ids, pixel_values, image_size)
+
+    def _beyond_context(self, sid: str, ids_np: np.ndarray) -> str | None:
+        """Why a sequence longer than the model's context is skipped, or None to truncate its text.
+
+        Truncation (``extraction.too_long: truncate``) only cuts text: a sample whose image tokens
+        reach past the limit is skipped either way."""
+        limit = self.max_positions
+        img_pos = np.flatnonzero(ids_np == self.image_token_id)
+        image_end = int(img_pos[-1]) + 1 if img_pos.size else 0
+        what = (f"{len(ids_np)} tokens ({img_pos.size} image + {len(ids_np) - img_pos.size} text) exceed the "
+                f"model's {limit} positions (max_position_embeddings)")
+        if image_end > limit:
+            why = f"{what}; its image tokens alone reach position {image_end}: use a smaller image"
+        elif self.cfg.too_long == "skip":
+            why = f"{what}; shorten the text, or set extraction.too_long: truncate (or extraction.max_length)"
+        else:
+            why = None
+        level = logging.WARNING if self._too_long_logged < LOUD_SKIPS else logging.DEBUG
+        self._too_long_logged += 1
+        if why is None:
+            logger.log(level, "sample %r: %s; text truncated to %d tokens (extraction.too_long: truncate)",
+                       sid, what, limit)
+        else:
+            logger.log(level, "sample %r skipped (too_long): %s", sid, why)
+        return why
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    """Positions the language model takes (LLaVA-NeXT: ``text_config.max_position_embeddings``); None if unsaid."""
+    cfg = model.config
+    text = getattr(cfg, "text_config", None) or cfg
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(text, key, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
 
 
 def image_token_id(model: torch.nn.Module) -> int:

@@ -10,6 +10,7 @@ every array back to the committed count (zarr resize) and redoes the chunk.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,7 +20,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from msae.store import Store
+from msae.store import Store, tmp_name
 
 PROGRESS = "_progress/extraction.json"
 PARTS = "_progress/tokens"
@@ -176,15 +177,20 @@ def concat_parts(store: Store, chunks: Iterable[int], schema: dict[str, pl.DataT
     """Stream the token-table parts of ``chunks`` (in order) into one parquet file; returns rows."""
     arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
     path = store.path(target)
-    tmp = path + ".tmp" if store.is_local else path
+    tmp = tmp_name(path) if store.is_local else path  # this writer's own temp file, renamed when complete
     store.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     rows = 0
-    with store.fs.open(tmp, "wb") as f, pq.ParquetWriter(f, arrow_schema, compression="zstd") as writer:
-        for c in chunks:
-            df = store.read_parquet(part_name(c)).cast(schema)
-            rows += df.height
-            if df.height:
-                writer.write_table(df.to_arrow().cast(arrow_schema), row_group_size=1 << 20)
-    if tmp != path:
-        store.fs.mv(tmp, path)
+    try:
+        with store.fs.open(tmp, "wb") as f, pq.ParquetWriter(f, arrow_schema, compression="zstd") as writer:
+            for c in chunks:
+                df = store.read_parquet(part_name(c)).cast(schema)
+                rows += df.height
+                if df.height:
+                    writer.write_table(df.to_arrow().cast(arrow_schema), row_group_size=1 << 20)
+        if tmp != path:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp != path and os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     return rows

@@ -99,16 +99,13 @@ def _clip_lines(lines: list[str], limit: int) -> list[str]:
 
 
 def _load_image(path: str) -> Image.Image | None:
-    """The sample's image (local path or fsspec URL); None when unreadable, so the card still renders."""
-    try:
-        if "://" in path:
-            import fsspec
+    """The sample's image, read as extraction read it (bounded, upright); None when unreadable, so
+    the card still renders."""
+    from msae.data.images import BadImage, load_image_rgb
 
-            with fsspec.open(path, "rb") as f:
-                return Image.open(io.BytesIO(f.read())).convert("RGB")
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError):
+    try:
+        return load_image_rgb(path)
+    except (BadImage, OSError, ValueError):
         return None
 
 

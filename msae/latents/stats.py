@@ -308,14 +308,15 @@ def compute_latent_stats(
 
     batches = list(_sample_batches(layout, cfg.batch_samples))
     state = {"acc": acc, "top_img": top_img, "top_txt": top_txt}
-    done, counts = _load_checkpoint(checkpoint, fingerprint, state)
+    done, counts, prior_s = _load_checkpoint(checkpoint, fingerprint, state)
     if done:
         n_image, n_text, n_skipped = counts
         log.info("latent stats: resuming after %d of %d batches from %s", done, len(batches), checkpoint)
     bar = _progress(batches[done:], progress, "latent stats")
     for b, (s0, s1) in enumerate(bar, start=done):
         if checkpoint and b > done and (b - done) % checkpoint_every == 0:
-            _save_checkpoint(checkpoint, fingerprint, state, b, (n_image, n_text, n_skipped))
+            _save_checkpoint(checkpoint, fingerprint, state, b, (n_image, n_text, n_skipped),
+                             prior_s + time.perf_counter() - t0)
         r0, r1 = int(layout.row_start[s0]), int(layout.row_start[s1 - 1] + layout.row_count[s1 - 1])
         info = row_info(slices.rows(r0, r1), layout.row_start[s0:s1], layout.row_count[s0:s1],
                         layout.grid_cols, cfg.text_include_template)
@@ -368,24 +369,30 @@ def compute_latent_stats(
                           _payload(srow[any_text], local[any_text], slot, v[any_text], n_local, max_text))
 
     if checkpoint:
-        _save_checkpoint(checkpoint, fingerprint, state, len(batches), (n_image, n_text, n_skipped))
+        _save_checkpoint(checkpoint, fingerprint, state, len(batches), (n_image, n_text, n_skipped),
+                         prior_s + time.perf_counter() - t0)
     stats = _stats_frame(acc, selected, n_image, n_text)
     explained_mask = stats["explained"].to_numpy()[selected]
     top = _assemble_top(slices, layout, top_img, top_txt, np.flatnonzero(selected), explained_mask, cfg)
-    seconds = time.perf_counter() - t0
+    seconds_this_run = time.perf_counter() - t0
+    seconds = prior_s + seconds_this_run  # a resumed pass also counts the time its checkpoint holds
     summary = {
         "n_tokens": layout.n_rows, "n_image_tokens": n_image, "n_text_tokens": n_text, "n_samples": layout.n_samples,
         "skipped_rows": n_skipped, "num_latents": W, "selected": int(selected.sum()),
         "dead": int(stats["dead"].sum()), "explained": int(stats["explained"].sum()),
         "grid": f"{layout.grid_rows}x{layout.grid_cols}", "seconds": round(seconds, 2),
+        "seconds_this_run": round(seconds_this_run, 2), "resumed_batches": done,
         "tokens_per_s": round(layout.n_rows / max(seconds, 1e-9), 1),
     }
     return LatentStatsResult(stats, top, summary)
 
 
-def _save_checkpoint(path: str, fingerprint: str, state: dict, batches_done: int, counts: tuple) -> None:
-    """Atomically write pass 1's state (plain arrays, no pickle)."""
+def _save_checkpoint(path: str, fingerprint: str, state: dict, batches_done: int, counts: tuple,
+                     elapsed_s: float = 0.0) -> None:
+    """Atomically write pass 1's state (plain arrays, no pickle) and the compute seconds it holds."""
     import os
+
+    from msae.store import tmp_name
 
     arrays = {f"acc_{k}": v.numpy() for k, v in state["acc"].items()}
     for name in ("top_img", "top_txt"):
@@ -393,24 +400,31 @@ def _save_checkpoint(path: str, fingerprint: str, state: dict, batches_done: int
         arrays[f"{name}_sample"] = state[name].sample.numpy()
         arrays[f"{name}_payload"] = state[name].payload.numpy()
     arrays["meta"] = np.array([batches_done, *counts], dtype=np.int64)
+    arrays["elapsed_s"] = np.array(elapsed_s, dtype=np.float64)
     arrays["fingerprint"] = np.array(fingerprint)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    tmp = tmp_name(path) + ".npz"  # this writer's own temp name (np.savez appends .npz otherwise)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
-def _load_checkpoint(path: str | None, fingerprint: str, state: dict) -> tuple[int, tuple[int, int, int]]:
-    """Restore ``state`` in place; (batches done, counts), or (0, …) when there is nothing to resume."""
+def _load_checkpoint(path: str | None, fingerprint: str, state: dict) -> tuple[int, tuple[int, int, int], float]:
+    """Restore ``state`` in place; (batches done, counts, compute seconds spent on them), or
+    (0, …, 0.0) when there is nothing to resume."""
     import os
 
     if not path or not os.path.exists(path):
-        return 0, (0, 0, 0)
+        return 0, (0, 0, 0), 0.0
     with np.load(path, allow_pickle=False) as z:
         if str(z["fingerprint"]) != fingerprint or any(
                 z[f"acc_{k}"].shape != v.shape for k, v in state["acc"].items()):
             log.info("latent stats: checkpoint %s is from other settings; starting over", path)
-            return 0, (0, 0, 0)
+            return 0, (0, 0, 0), 0.0
         for k, v in state["acc"].items():
             v.copy_(torch.from_numpy(z[f"acc_{k}"]))
         for name in ("top_img", "top_txt"):
@@ -418,7 +432,8 @@ def _load_checkpoint(path: str | None, fingerprint: str, state: dict) -> tuple[i
             state[name].sample = torch.from_numpy(z[f"{name}_sample"].copy())
             state[name].payload = torch.from_numpy(z[f"{name}_payload"].copy())
         meta = z["meta"].tolist()
-    return int(meta[0]), (int(meta[1]), int(meta[2]), int(meta[3]))
+        elapsed_s = float(z["elapsed_s"]) if "elapsed_s" in z.files else 0.0  # older checkpoints lack it
+    return int(meta[0]), (int(meta[1]), int(meta[2]), int(meta[3])), elapsed_s
 
 
 def _progress(items: list, enabled: bool, desc: str):

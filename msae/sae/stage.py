@@ -133,7 +133,10 @@ def batched_loss_recovered(vlm: Any, samples: pl.DataFrame, cfg: MsaeConfig, lay
     image_tok = image_token_id(vlm.model)
     answers_only = cfg.sae.loss_tokens == "answer"
     sums, total = np.zeros(3), 0
-    for inputs in prepare_batches(samples, vlm, cfg.extraction, answer_mask=answers_only):
+    from msae.data.images import ImageLimits
+
+    for inputs in prepare_batches(samples, vlm, cfg.extraction, answer_mask=answers_only,
+                                  image_limits=ImageLimits.from_config(cfg.dataset)):
         counted = inputs["attention_mask"].bool() & (inputs["input_ids"] != image_tok)
         if answers_only:
             counted &= inputs.pop("answer_mask")

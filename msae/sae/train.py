@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from msae.config import SAEConfig, config_hash
 from msae.sae.model import SparseCoder
 from msae.sae.stream import ActivationStream, heldout_mask, modality_mask, sample_rows
+from msae.store import tmp_name
 
 CHECKPOINT_VERSION = 1
 
@@ -123,8 +124,11 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model: SparseCoder, opt: torch.o
                      since_fired: torch.Tensor, state: dict[str, Any]) -> None:
     """Write ``step-<n>/`` beside the old ones, then point LATEST at it, then drop the old ones."""
     name = f"step-{step:09d}"
-    tmp = ckpt_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in ckpt_dir.glob(f".{name}.*tmp"):  # left by a killed run (the stage lock admits one writer)
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in ckpt_dir.glob("LATEST.*tmp"):
+        stale.unlink(missing_ok=True)
+    tmp = Path(tmp_name(str(ckpt_dir / f".{name}")))
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
               str(tmp / "sae.safetensors"))
@@ -134,8 +138,9 @@ def _save_checkpoint(ckpt_dir: Path, step: int, model: SparseCoder, opt: torch.o
     final = ckpt_dir / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    (ckpt_dir / "LATEST.tmp").write_text(name)
-    os.replace(ckpt_dir / "LATEST.tmp", ckpt_dir / "LATEST")
+    marker = Path(tmp_name(str(ckpt_dir / "LATEST")))
+    marker.write_text(name)
+    os.replace(marker, ckpt_dir / "LATEST")
     for old in ckpt_dir.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

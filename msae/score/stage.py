@@ -257,7 +257,10 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
         pools = evidence_pools(evidence, latents, cfg.embedders.text_window,
                                max(CONTROL_WINDOWS, 4 * cfg.scores.textual_controls),
                                np.random.default_rng([cfg.scores.seed, 2]))
-    load = functools.lru_cache(maxsize=IMAGE_CACHE)(load_image_rgb)
+    from msae.data.images import ImageLimits
+
+    load = functools.lru_cache(maxsize=IMAGE_CACHE)(
+        functools.partial(load_image_rgb, limits=ImageLimits.from_config(cfg.dataset)))
     specs, vplans = _plan_views(cfg, evidence, latents, pools.images)
     view_emb = _embed_views(cfg, specs, image_text, load)
 
@@ -393,6 +396,11 @@ def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> t
     masked = frame.filter(pl.col("prompting") == cfg.explainer.prompting[0])
     meta |= {f"census_{k}": int(n) for k, n in masked.group_by("modality").len().iter_rows()}
     for mode in cfg.explainer.prompting:
+        # rows whose explainer request failed have no concept (and so label "none"): counted here,
+        # so a "none" from a failure is never mistaken for one the method chose
+        rows = proposals.filter(pl.col("prompting") == mode)
+        meta[f"explainer_failures_{mode}"] = int(
+            ((rows["visual_status"] == "error") | (rows["textual_status"] == "error")).sum()) if rows.height else 0
         for col in ("visual_score", "visual_score_random", "textual_score", "textual_score_random"):
             s = frame.filter(pl.col("prompting") == mode)[col].drop_nulls()
             meta[f"{col}_{mode}"] = float(s.mean()) if len(s) else None
