@@ -9,7 +9,7 @@ Two models (random init, nothing downloaded): (i) the default tiny geometry (64-
 base grid) and (ii) the real llama3-llava-next-8b vision geometry (336-px CLIP-L/14 crops,
 anyres pinpoints, ~1.2–2.9k image tokens per sample) with a tiny language model.
 
-    .venv/bin/python benchmarks/bench_extract.py [--threads 1] [--no-write]
+    .venv/bin/python benchmarks/bench_extract.py [--threads auto|N] [--no-write]
 
 Prints a table and rewrites the "Extraction" section of benchmarks/RESULTS.md.
 """
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from msae.config import ExtractionConfig  # noqa: E402
 from msae.extract import extract_activations  # noqa: E402
+from msae.runtime import THREADS_HELP, bench_threads, threads_option  # noqa: E402
 from msae.store import Store  # noqa: E402
 from msae.vlm.build import (  # noqa: E402
     LLAMA3_LLAVA_NEXT_8B_GEOMETRY,
@@ -164,11 +165,11 @@ def write_results(table: str, threads: int, repeats: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=threads_option, default="auto", help=THREADS_HELP)
     ap.add_argument("--repeats", type=int, default=2, help="runs per path; the fastest counts")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args.threads = bench_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -49,6 +49,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from msae.runtime import THREADS_HELP, bench_threads, threads_option  # noqa: E402
 from results_file import write_section  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TOKEN_SCHEMA_COLUMNS = ("sample_index", "sample_id", "position", "token", "modality", "view", "grid_row",
@@ -202,11 +203,10 @@ def msae_lists(result, width: int) -> tuple[dict[int, list[int]], dict[int, list
 
 # --- one measurement in a fresh process ----------------------------------------------------------
 def child(args) -> None:
+    args.threads = bench_threads(args.threads)
     os.environ.setdefault("POLARS_MAX_THREADS", str(args.threads))
-    import torch
     import zarr
 
-    torch.set_num_threads(args.threads)
     data = Path(args.data)
     meta = json.loads((data / "meta.json").read_text())
     n_rows = meta["rows"][str(args.n)]
@@ -327,7 +327,7 @@ def main() -> None:
     ap.add_argument("--check-samples", type=int, default=40)
     ap.add_argument("--ref-max-seconds", type=float, default=90.0,
                     help="skip the reference where its predicted time (linear in samples) exceeds this")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=threads_option, default="auto", help=THREADS_HELP)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--child", choices=["msae", "reference"], help=argparse.SUPPRESS)
@@ -338,10 +338,8 @@ def main() -> None:
         child(args)
         return
 
+    args.threads = bench_threads(args.threads)  # children get this count explicitly
     os.environ.setdefault("POLARS_MAX_THREADS", str(args.threads))
-    import torch
-
-    torch.set_num_threads(args.threads)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_latent_stats_") as tmp:

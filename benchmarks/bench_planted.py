@@ -30,6 +30,7 @@ import torch
 
 from msae.config import parse_config
 from msae.manifest import Manifest, save_manifest
+from msae.runtime import THREADS_HELP, bench_threads, threads_option
 from msae.sae.formats import load_sae
 from msae.sae.planted import feature_recovery, make_planted, modality_recovery, write_zarr
 from msae.sae.stage import fit_sae
@@ -124,10 +125,10 @@ def report(res: dict[str, Any], command: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=threads_option, default="auto", help=THREADS_HELP)
     parser.add_argument("--write", action="store_true", help=f"replace/append '{SECTION}' in {RESULTS.name}")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args.threads = bench_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="msae-planted-") as tmp:
         res = run(Path(tmp) / "store")
     command = ".venv/bin/python benchmarks/bench_planted.py" + (" --write" if args.write else "")

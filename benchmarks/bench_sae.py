@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from msae.config import SAEConfig  # noqa: E402
+from msae.runtime import THREADS_HELP, bench_threads, threads_option  # noqa: E402
 from msae.sae.evaluate import evaluate_sae, heldout_rows  # noqa: E402
 from msae.sae.formats import load_sae  # noqa: E402
 from msae.sae.model import SparseCoder  # noqa: E402
@@ -259,7 +260,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--budget", type=int, default=307_200)
     ap.add_argument("--batch", type=int, default=1024)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=threads_option, default="auto", help=THREADS_HELP)
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (the GPU variant for a lent device)")
@@ -276,8 +277,8 @@ def main() -> None:
     if args.write and sets != {"planted", "embedded"}:
         ap.error("--write rewrites the whole section, so it needs --sets planted,embedded")
     global DEVICE, THREADS
+    args.threads = bench_threads(args.threads)
     DEVICE, THREADS = args.device, args.threads
-    torch.set_num_threads(args.threads)
     saelens_python = args.saelens_python
     if saelens_python is None:
         saelens_python = DEFAULT_SAELENS_PYTHON if Path(DEFAULT_SAELENS_PYTHON).exists() else ""

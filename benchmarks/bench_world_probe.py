@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from msae.runtime import THREADS_HELP, bench_threads, threads_option  # noqa: E402
+
 
 def extract_world(store_dir: str, model: str, seed: int, n_images: int, layers: list[int],
                   questions_per_image: int = 2):
@@ -94,12 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=4321)
     ap.add_argument("--n-images", type=int, default=300)
     ap.add_argument("--layers", type=int, nargs="+", default=[1, 3])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=threads_option, default="auto", help=THREADS_HELP)
     ap.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    args.threads = bench_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         _, store = extract_world(tmp, args.model, args.seed, args.n_images, args.layers)
         result = probe_store(store, args.layers)

@@ -544,6 +544,40 @@ class WorldSeedsConfig(_Section):
         return self
 
 
+class RuntimeConfig(_Section):
+    """How each step process uses the CPU (:mod:`msae.runtime`). Speed only, never results: no stage's
+    code version reads this section, so changing it recomputes nothing."""
+
+    threads: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = Field(
+        "auto",
+        description="torch CPU threads per step process (torch.set_num_threads). auto: OMP_NUM_THREADS (else "
+        "MKL_NUM_THREADS) when set, else the cores this process may use divided by step_concurrency. A number "
+        "wins over both.",
+    )
+    interop_threads: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = Field(
+        "auto",
+        description="torch's inter-op pool (torch.set_num_interop_threads); auto: as many as threads. torch "
+        "only takes it before its first parallel work: later it is left as it is (logged).",
+    )
+    step_concurrency: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = Field(
+        "auto",
+        description="Step processes that may run side by side on this machine (threads auto shares the cores "
+        "among them). auto: MSAE_STEP_CONCURRENCY when set, else what the Dagster run's executor allows "
+        "(in_process: 1; multiprocess: max_concurrent, by default the CPU count, at most the run's steps), else 1. "
+        "Several runs at once (UI backfills): set it to their number.",
+    )
+
+    @field_validator("threads", "interop_threads", "step_concurrency", mode="before")
+    @classmethod
+    def _count_or_auto(cls, v: Any, info: Any) -> Any:
+        """One message a user can act on (instead of one per member of the union)."""
+        if isinstance(v, str) and v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"must be a whole number >= 1 or 'auto' (e.g. runtime.{info.field_name}: 2)")
+        return v
+
+
 class MsaeConfig(_Section):
     """The whole pipeline."""
 
@@ -562,6 +596,8 @@ class MsaeConfig(_Section):
         None, description="Watch for new VLM checkpoints and re-run on each (see docs/paper_scale.md); None: off."
     )
     controls: ControlsConfig = Field(default_factory=ControlsConfig)
+    runtime: RuntimeConfig = Field(
+        default_factory=RuntimeConfig, description="CPU threads per step process (speed only; in no code version).")
     world_seeds: WorldSeedsConfig | None = Field(
         None, description="shapes only: the world's training / calibration / evaluation seeds (checked disjoint).")
 

@@ -8,12 +8,17 @@ sensor's pinned one, else the newest) is one of the stage's inputs — its versi
 fingerprint, so a new checkpoint is never mistaken for the one the stored activations came
 from — and is recorded in the metadata (``checkpoint``, ``checkpoint_version``, …). The batch
 settings are left out of the code version: they change speed and memory, not the activations.
+
+Each layer's data version is that layer's value identity (:func:`msae.extract.progress.layer_data_versions`),
+not the extraction run's fingerprint: a changed chunking or an added layer re-extracts, but a
+layer whose values did not change keeps its data version, so its SAEs are not re-trained.
 """
 
 import dagster as dg
 
 from msae.config import ModelConfig, MsaeConfig
 from msae.manifest import Manifest, current_manifest, fingerprint, reset_if_damaged, save_manifest, upstream_version
+from msae.runtime import apply_threads, executor_concurrency
 from msae.store import Store
 from msae.store_lock import stage_lock
 from msae_assets.run_health import tag_run_process
@@ -21,7 +26,7 @@ from msae_assets.checkpoints import CHECKPOINT_ASSET
 from msae_assets.partitions import layer_partitions
 from msae_assets.stage import markdown_table, to_dagster_metadata
 from msae_assets.versions import code_version
-from msae_resources.vlm import VLMResource
+from msae_resources.vlm import GPU_POOL, VLMResource
 
 # ModelConfig fields that change how fast and in how much memory extraction runs, never its output.
 BATCH_FIELDS = {"batch_size", "auto_batch_max", "device_map"}
@@ -46,10 +51,11 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         "and one token table <store>/tokens.parquet (row i describes row i of every layer).",
         kinds={"pytorch", "zarr"},
         group_name="extraction",
-        pool="vlm",
+        pool=GPU_POOL,
     )
     def activations(context: dg.AssetExecutionContext, vlm: VLMResource) -> dg.MaterializeResult:
         tag_run_process(context)
+        apply_threads(cfg, step_concurrency=executor_concurrency(context))  # msae.runtime
         store = Store(cfg.store)
         ckpt = vlm.checkpoint()
         inputs = {"vqa_samples": upstream_version(store, "vqa_samples")}
@@ -65,7 +71,8 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         else:  # one writer for all layers (they share tokens.parquet and _progress/); damaged arrays start over
             with stage_lock(store, "activations", run_id=context.run_id):
                 reset_if_damaged(store, "activations", [str(layer) for layer in cfg.layers])
-                manifests = _extract_all_layers(cfg, store, vlm, fp, ckpt.metadata() if ckpt is not None else {})
+                manifests = _extract_all_layers(cfg, store, vlm, fp, ckpt.metadata() if ckpt is not None else {},
+                                                inputs)
             manifests = [m for m in manifests if int(m.metadata["layer"]) in wanted]
         meta = manifests[0].metadata if len(manifests) == 1 else {
             "layers_md": markdown_table([{k: m.metadata[k] for k in ("layer", "rows", "path")} for m in manifests])
@@ -79,21 +86,27 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     return activations
 
 def _extract_all_layers(cfg: MsaeConfig, store: Store, vlm: VLMResource, fp: str,
-                        checkpoint_meta: dict) -> list[Manifest]:
-    """One forward pass for every configured layer; a manifest per layer (with the checkpoint used)."""
+                        checkpoint_meta: dict, inputs: dict[str, str]) -> list[Manifest]:
+    """One forward pass for every configured layer; a manifest per layer (with the checkpoint used)
+    whose data version is the layer's value identity (module doc)."""
     from msae.data.images import ImageLimits
     from msae.data.samples import read_samples
     from msae.extract.extractor import extract_activations
+    from msae.extract.progress import layer_data_versions
 
     with vlm.load() as loaded:
         result = extract_activations(read_samples(store), loaded, cfg.layers, store, cfg.extraction,
                                      image_limits=ImageLimits.from_config(cfg.dataset))
     common = {**result.summary(), **checkpoint_meta}
+    # the model settings the code version hashes (device, attention kernel, …) and the upstream data
+    # versions also decide the values; the layer list and the storage layout do not
+    model = cfg.model.model_dump(mode="json", exclude=BATCH_FIELDS)
+    versions = layer_data_versions(store, cfg.layers, {"model": model, "inputs": inputs})
     manifests = []
     for layer in cfg.layers:
         layer_meta = result.layer_summary(layer)
         meta = {**common, **layer_meta, "layer": layer}
-        m = Manifest("activations", fp, f"{fp}-{layer_meta['rows']}", meta)
+        m = Manifest("activations", fp, versions[layer], meta)
         save_manifest(store, m, str(layer))
         manifests.append(m)
     return manifests

@@ -7,6 +7,7 @@ from msae.store import Store
 from msae_assets.per_sae import build_per_sae_asset
 from msae_assets.stage import markdown_table
 from msae_assets.versions import code_version
+from msae_resources.vlm import GPU_POOL
 
 
 def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:
@@ -33,4 +34,5 @@ def build_concept_scores_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         "embedding detection, categories and modality labels → <store>/concepts/layer=<L>/width=<W>/"
         "concepts.parquet (+ ground_truth.parquet where annotations exist).",
         group="concepts", kinds={"pytorch", "parquet"}, decorate=_decorate,
+        pool=GPU_POOL,  # CLIP/ALIGN embed the images on the GPU
     )

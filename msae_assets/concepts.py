@@ -15,6 +15,7 @@ from msae_assets.partitions import layer_width_partitions
 from msae_assets.per_sae import build_per_sae_asset
 from msae_assets.stage import markdown_table
 from msae_assets.versions import code_version
+from msae_resources.vlm import GPU_POOL
 
 
 def concepts_code_version(cfg: MsaeConfig) -> str:
@@ -66,4 +67,5 @@ def build_concepts_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         description="Explainer proposals (masked regions and whole-image baseline) → "
         "<store>/concepts/layer=<L>/width=<W>/proposals.parquet.",
         group="concepts", kinds={"parquet"}, decorate=_decorate, check_specs=specs, checks=concepts_checks,
+        pool=GPU_POOL if cfg.explainer.backend == "transformers" else None,  # it loads a VLM; the others do not
     )

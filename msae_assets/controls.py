@@ -5,6 +5,7 @@ import dagster as dg
 from msae.config import MsaeConfig
 from msae_assets.per_sae import build_per_sae_asset
 from msae_assets.versions import code_version
+from msae_resources.vlm import GPU_POOL
 
 
 def build_controls_asset(cfg: MsaeConfig, stage_versions: list[str]) -> dg.AssetsDefinition:
@@ -19,5 +20,5 @@ def build_controls_asset(cfg: MsaeConfig, stage_versions: list[str]) -> dg.Asset
         description="Latent stats, concepts, scores and ground truth of a random-weight SAE of the trained SAE's "
         "shape (labels should collapse to the prior) → `<store>/controls/random_sae/`; the dissection explainer's "
         "concepts and labels for the real SAE (an oracle: it reads the annotations) → `<store>/controls/dissection/`.",
-        group="controls", kinds={"pytorch", "parquet"},
+        group="controls", kinds={"pytorch", "parquet"}, pool=GPU_POOL,  # latent stats/scores of the random SAE
     )

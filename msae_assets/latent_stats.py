@@ -7,6 +7,7 @@ from msae.store import Store
 from msae_assets.per_sae import build_per_sae_asset
 from msae_assets.stage import markdown_table
 from msae_assets.versions import code_version
+from msae_resources.vlm import GPU_POOL
 
 
 def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:
@@ -32,5 +33,5 @@ def build_latent_stats_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         compute=lambda store, layer, width, fp: run_latent_stats(cfg, store, layer, width, fingerprint=fp),
         description="One streaming pass through the SAE → <store>/latents/layer=<L>/width=<W>/ stats.parquet, "
         "top_examples.parquet, cards/*.png and index.html (docs/formats.md).",
-        group="latents", kinds={"pytorch", "parquet"}, decorate=_decorate,
+        group="latents", kinds={"pytorch", "parquet"}, decorate=_decorate, pool=GPU_POOL,
     )

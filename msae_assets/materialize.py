@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from msae.config import PROJECT_ROOT, MsaeConfig, load_config
@@ -27,16 +28,21 @@ MODULE = "msae_assets.definitions"
 PER_SAE_STAGES = ("sae", "latent_stats", "concepts", "concept_scores", "controls")
 FINAL_STAGES = ("report",)
 IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
+QUIET = '{"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}'
+"""The default run config: in-process, and only INFO and above from Dagster's console logger (its
+DEBUG events — a line per step event — go to the instance's event log, which the UI shows)."""
 
 
-def materialize_commands(cfg: MsaeConfig, stages: tuple[str, ...] | None = None) -> list[list[str]]:
+def materialize_commands(cfg: MsaeConfig, stages: tuple[str, ...] | None = None,
+                         run_config: str = QUIET) -> list[list[str]]:
     """The CLI calls, in graph order, that materialize every asset and partition.
 
-    ``stages``: the asset names defined (default: every stage this project has)."""
+    ``stages``: the asset names defined (default: every stage this project has); ``run_config``:
+    the ``--config-json`` of every call (in-process; :data:`QUIET` or :data:`IN_PROCESS`)."""
     stages = stages or (*PER_SAE_STAGES, *FINAL_STAGES)
     # in-process executor: one process per call instead of one per step (each would import torch
     # and load its models again), and no two steps oversubscribing the CPU side by side
-    base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", MODULE, "--config-json", IN_PROCESS,
+    base = [sys.executable, "-m", "dagster", "asset", "materialize", "-m", MODULE, "--config-json", run_config,
             "--select"]
     layer_range = f"{cfg.layers[0]}...{cfg.layers[-1]}"
     # `sae` is multi-partitioned: a CLI range run would record one materialization (one metadata
@@ -73,12 +79,15 @@ def reap_instance() -> None:
             print(line, flush=True)
 
 
-def run_child(cmd: list[str]) -> int:
+def run_child(cmd: list[str], log_path: Path | None = None) -> int:
     """Run one Dagster CLI call that ends with this driver: it gets our pid (its watchdog stops it
-    if we are killed) and the SIGINT/SIGTERM we receive; returns its exit status."""
+    if we are killed) and the SIGINT/SIGTERM we receive; returns its exit status. ``log_path``:
+    where its output goes (default: our own stdout/stderr)."""
     from msae_assets.run_health import DRIVER_PID_ENV
 
-    child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, DRIVER_PID_ENV: str(os.getpid())})
+    log = open(log_path, "w") if log_path is not None else None  # noqa: SIM115 - closed below
+    child = subprocess.Popen(cmd, cwd=PROJECT_ROOT, env={**os.environ, DRIVER_PID_ENV: str(os.getpid())},
+                             stdout=log, stderr=subprocess.STDOUT if log is not None else None)
 
     def forward(signum: int, _frame: object) -> None:
         if child.poll() is None:
@@ -96,12 +105,64 @@ def run_child(cmd: list[str]) -> int:
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
+        if log is not None:
+            log.close()
+
+
+def call_label(cmd: list[str]) -> str:
+    """What one CLI call materializes, for the progress line: "1|512 sae,latent_stats,…"."""
+    selected = cmd[cmd.index("--select") + 1]
+    for flag in ("--partition", "--partition-range"):
+        if flag in cmd:
+            return f"{cmd[cmd.index(flag) + 1]} {selected}"
+    return selected
+
+
+def stage_outcomes(cmd: list[str]) -> str:
+    """"sae computed · latent_stats reused · …" from the latest materialization of each selected
+    asset (and partition) in the instance; empty where the instance has none."""
+    import dagster as dg
+
+    selected = cmd[cmd.index("--select") + 1].split(",")
+    partition = cmd[cmd.index("--partition") + 1] if "--partition" in cmd else None
+    parts = []
+    with dg.DagsterInstance.get() as instance:
+        for name in selected:
+            records = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey(name),
+                                      asset_partitions=[partition] if partition else None), limit=1).records
+            meta = records[0].asset_materialization.metadata if records and records[0].asset_materialization else {}
+            reused = meta.get("reused")
+            value = getattr(reused, "value", reused)
+            parts.append(f"{name} {'reused' if value is True else 'computed' if value is False else 'done'}")
+    return " · ".join(parts)
+
+
+def outputs_summary(cfg: MsaeConfig) -> list[str]:
+    """The lines a person reads first: where the report and the latent browsers are."""
+    from msae.latents.evidence import latents_dir
+    from msae.report.build import REPORT
+    from msae.store import Store
+
+    store = Store(cfg.store)
+    lines = [f"Report: {store.url(REPORT, 'index.html')}", "Latent index files:"]
+    for layer in cfg.layers:
+        for width in cfg.widths:
+            if store.exists(latents_dir(layer, width), "index.html"):
+                lines.append(f"  {store.url(latents_dir(layer, width), 'index.html')}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--verbose", action="store_true",
+                        help="stream Dagster's output at DEBUG level (default: a line per call; each call's "
+                        "INFO log goes to a file under $DAGSTER_HOME/msae_logs/)")
     args = parser.parse_args(argv)
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is currently in beta")  # Dagster's notes on its own API
     cfg = load_config()
     home = ensure_dagster_home()
     from msae_assets.definitions import build_definitions
@@ -109,16 +170,35 @@ def main(argv: list[str] | None = None) -> int:
     defined = tuple(a.key.to_user_string() for a in build_definitions(cfg).assets)
     if not args.dry_run:
         reap_instance()
-    for cmd in materialize_commands(cfg, defined):
-        print("+", " ".join(cmd[1:]).replace(IN_PROCESS, f"'{IN_PROCESS}'"), flush=True)
-        if not args.dry_run:
-            rc = run_child(cmd)
-            if rc != 0:
-                print(f"materialize failed (exit {rc}) at: {' '.join(cmd[3:])}", file=sys.stderr)
-                return rc
+    run_config = IN_PROCESS if args.verbose else QUIET
+    commands = materialize_commands(cfg, defined, run_config)
+    logs = Path(home) / "msae_logs" / time.strftime("%Y%m%d-%H%M%S")
+    for i, cmd in enumerate(commands, 1):
+        shown = " ".join(cmd[1:]).replace(run_config, f"'{run_config}'")
+        if args.dry_run or args.verbose:
+            print("+", shown, flush=True)
+        if args.dry_run:
+            continue
+        label = f"call {i} of {len(commands)}: {call_label(cmd)}"
+        log_path = None if args.verbose else logs / f"{i:02d}.log"
+        if log_path is not None:
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_path.write_text(f"+ {shown}\n")
+        t0 = time.perf_counter()
+        rc = run_child(cmd, log_path)
+        took = f"{time.perf_counter() - t0:.0f} s"
+        if rc != 0:
+            if log_path is not None:
+                print("".join(log_path.read_text().splitlines(keepends=True)[-60:]), file=sys.stderr)
+            print(f"{label} failed (exit {rc}) after {took}" + (f"; its log: {log_path}" if log_path else ""),
+                  file=sys.stderr)
+            return rc
+        print(f"{label} … {stage_outcomes(cmd)} ({took})", flush=True)
     if args.dry_run:
         return 0
-    print(f"\nDone. Outputs under: {cfg.store}\nDagster instance (history, UI): {home}")
+    print(f"\nDone. Outputs under: {cfg.store}\nDagster instance (history, UI): {home}"
+          + ("" if args.verbose else f"\nLogs of this call: {logs}"))
+    print("\n".join(outputs_summary(cfg)))
     return 0
 
 

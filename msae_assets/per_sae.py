@@ -25,16 +25,19 @@ def sae_partition(context: dg.AssetExecutionContext) -> tuple[int, int]:
 def build_per_sae_asset(
     cfg: MsaeConfig, *, name: str, upstream: list[str], version: str, compute: Compute, description: str,
     group: str, kinds: set[str], decorate: Callable[[Store, int, int, dict], dict] | None = None,
-    check_specs: Sequence[dg.AssetCheckSpec] = (), checks: Checks | None = None,
+    check_specs: Sequence[dg.AssetCheckSpec] = (), checks: Checks | None = None, pool: str | None = None,
 ) -> dg.AssetsDefinition:
     """An asset partitioned like `sae`, reading its upstream stages of the same partition.
+
+    ``pool``: the Dagster pool of its step (:data:`msae_resources.vlm.GPU_POOL` when it uses the GPU).
 
     ``check_specs``/``checks``: asset checks evaluated from the stage's metadata on every
     materialization (also when the manifest is reused), so their results always describe the output.
     """
 
     @dg.asset(name=name, code_version=version, partitions_def=layer_width_partitions(cfg), deps=upstream,
-              description=description, kinds=kinds, group_name=group, check_specs=list(check_specs))
+              description=description, kinds=kinds, group_name=group, check_specs=list(check_specs),
+              pool=pool)
     def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from msae.manifest import fingerprint
 

@@ -1,8 +1,8 @@
 """Runs whose process is gone: failed, and their concurrency-pool slots released, with no manual step.
 
 Why this exists: a run killed with SIGKILL (or by the OOM killer) never writes its end event, so
-Dagster keeps it STARTED and its step keeps the only slot of the `vlm` pool; every later run then
-waits forever ("Step blocked by limit for pool vlm"). Dagster's run monitoring cannot see this
+Dagster keeps it STARTED and its step keeps the only slot of its pool (`gpu`); every later run then
+waits forever ("Step blocked by limit for pool gpu"). Dagster's run monitoring cannot see this
 with the default run launcher (it has no run-worker health check), and the CLI has no daemon.
 So every driver call (`make demo`, `msae materialize`) first looks at the unfinished runs of the
 instance and fails those whose process no longer exists — through the instance's public methods.

@@ -17,7 +17,7 @@ from msae.store import Store
 from msae_assets.partitions import layer_width_partitions
 from msae_assets.stage import markdown_table, run_stage, to_dagster_metadata
 from msae_assets.versions import code_version
-from msae_resources.vlm import VLMResource
+from msae_resources.vlm import GPU_POOL, VLMResource
 
 CHECK_FIELDS = {"check_max_fvu", "check_max_dead_fraction"}
 CURVE = "training_curve.png"
@@ -61,7 +61,7 @@ def build_sae_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         "layout + msae.json metrics + training log), evaluated on held-out samples.",
         kinds={"pytorch", "safetensors"},
         group_name="sae",
-        pool="vlm" if uses_vlm else None,
+        pool=GPU_POOL,  # training on the GPU, and (loss_samples > 0) the VLM
     )
     def sae(context: dg.AssetExecutionContext, vlm: VLMResource) -> dg.MaterializeResult:
         from msae.sae.stage import fit_sae, training_curve_png

@@ -13,6 +13,7 @@ import dagster as dg
 
 from msae.integrity import where
 from msae.manifest import Manifest, check_manifest, fingerprint, reset_if_damaged, save_manifest
+from msae.runtime import apply_threads, executor_concurrency
 from msae.store import Store
 from msae.store_lock import stage_lock
 from msae_assets.run_health import tag_run_process
@@ -38,6 +39,7 @@ def run_stage(
     :func:`msae.manifest.check_manifest`).
     """
     tag_run_process(context)  # which process runs this: a killed run is then failed by the next driver call
+    threads = apply_threads(step_concurrency=executor_concurrency(context))  # msae.runtime: no oversubscription
     fp = fingerprint(code_version, inputs)
     done, why = check_manifest(store, stage, fp, partition)
     if done is None:
@@ -47,7 +49,8 @@ def run_stage(
                 context.log.info(f"{where(stage, partition)}: computing ({why})")
                 reset_if_damaged(store, stage, [partition])
                 data_version, metadata = compute()
-                return save_manifest(store, Manifest(stage, fp, data_version, {**metadata, "reused": False}), partition)
+                metadata = {**metadata, "threads": threads, "reused": False}  # threads: how it was computed
+                return save_manifest(store, Manifest(stage, fp, data_version, metadata), partition)
             why = why_now
     context.log.info(f"{where(stage, partition)}: {why}, reusing")
     return Manifest(done.stage, done.fingerprint, done.data_version, {**done.metadata, "reused": True}, done.outputs)

@@ -27,6 +27,13 @@ from msae.config import CheckpointsConfig, ModelConfig
 
 logger = logging.getLogger("msae.vlm")
 
+GPU_POOL = "gpu"
+"""Dagster pool of every step that uses the accelerator: loading the VLM (extraction, the SAE's loss
+recovered, the transformers explainer), SAE training, latent statistics, CLIP/ALIGN scoring and the
+random-SAE controls. ``dagster.yaml`` gives each pool one slot (``concurrency.pools.default_limit: 1``),
+so these steps take turns on the one GPU, across runs too; raise it with
+``dagster instance concurrency set gpu N`` on a machine whose GPU memory holds N such steps at once."""
+
 # Run tags the checkpoint sensor sets; any run carrying them loads exactly that checkpoint.
 CHECKPOINT_TAGS = {
     "id": "msae/checkpoint",

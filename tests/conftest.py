@@ -6,12 +6,17 @@ vocabulary so they load through the same ``from_pretrained`` path as a hub check
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
-import torch
+# one torch thread in the test process and in the CLI processes tests start (the assets' thread
+# rule honours OMP_NUM_THREADS): the suite shares a small machine with whatever else runs on it
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from msae.config import PROJECT_ROOT
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from msae.config import PROJECT_ROOT  # noqa: E402
 
 torch.set_num_threads(1)
 

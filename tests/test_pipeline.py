@@ -111,18 +111,26 @@ def test_cli_materializes_everything_and_is_resumable(tiny_config_data, tmp_path
     env = {**os.environ, "MSAE_CONFIG": str(cfg_path), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
     env.pop("MSAE_STORE", None)
     cmd = [sys.executable, "-m", "msae_assets.materialize"]
-    # kill -9 of everything while the first SAE trains: its run stays STARTED holding the vlm pool's
+    # kill -9 of everything while the first SAE trains: its run stays STARTED holding the gpu pool's
     # only slot; the next plain call must fail it, release the slot and finish (no manual step)
-    _kill_when(cmd, env, tmp_path / "killed.log", 'Started execution of step "sae"')
+    _kill_when([*cmd, "--verbose"], env, tmp_path / "killed.log", 'Started execution of step "sae"')
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # no time limit: a busy machine is slow, not wrong
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "was dead: marked failed, pool slots released" in out.stdout
-    assert "--partition-range 0...2" in out.stdout
+    # quiet by default: a line per CLI call, then where the report and latent browsers are
+    calls = [line for line in out.stdout.splitlines() if line.startswith("call ")]
+    per_sae = "sae,latent_stats,concepts,concept_scores,controls"
+    assert [c.split(" … ")[0] for c in calls] == [
+        "call 1 of 5: vqa_samples", "call 2 of 5: 0...2 activations", f"call 3 of 5: 0|16 {per_sae}",
+        f"call 4 of 5: 2|16 {per_sae}", "call 5 of 5: report"]
+    assert "sae computed" in calls[2] and "DEBUG" not in out.stdout + out.stderr
+    assert f"Report: {tiny_config_data['store']}/report/index.html" in out.stdout
     store = Store(tiny_config_data["store"])
     assert store.exists(store.SAMPLES) and store.exists(store.TOKENS)
     first = {layer: load_manifest(store, "activations", str(layer)) for layer in (0, 2)}
     # a second CLI run finds every manifest current and recomputes nothing
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # no time limit: a busy machine is slow, not wrong
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "up to date" in out.stdout + out.stderr
+    calls = [line for line in out.stdout.splitlines() if line.startswith("call ")]
+    assert len(calls) == 5 and all("computed" not in c and "reused" in c for c in calls), calls
     assert {layer: load_manifest(store, "activations", str(layer)) for layer in (0, 2)} == first

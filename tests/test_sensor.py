@@ -1,5 +1,6 @@
-"""The checkpoint sensor: a RunRequest (backfill) per new checkpoint, none when unchanged, and runs
-pinned by its tags load that checkpoint, record it, and reuse what did not change."""
+"""The checkpoint sensor: per new checkpoint, waves of public RunRequests in graph order (the next
+only once the previous runs succeeded), none when unchanged, and runs pinned by its tags load that
+checkpoint, record it, and reuse what did not change."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import datetime as dt
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -44,7 +46,21 @@ def tick(defs: dg.Definitions, instance: dg.DagsterInstance, cursor: str | None)
     return sensor.evaluate_tick(ctx)
 
 
-def test_sensor_requests_one_backfill_per_new_checkpoint(tiny_config_data, tmp_path):
+def add_run(instance: dg.DagsterInstance, req: dg.RunRequest, status: dg.DagsterRunStatus) -> str:
+    """What the daemon would store for ``req`` (its tags), finished with ``status``."""
+    run_id = str(uuid.uuid4())
+    instance.add_run(dg.DagsterRun(job_name="__ASSET_JOB", run_id=run_id, status=status, tags=dict(req.tags)))
+    return run_id
+
+
+def units(result) -> list[tuple[tuple[str, ...], str | None]]:
+    return [(tuple(k.to_user_string() for k in r.asset_selection), r.partition_key) for r in result.run_requests]
+
+
+PER_SAE = ("sae", "latent_stats", "concepts", "controls", "concept_scores")  # graph order
+
+
+def test_sensor_requests_waves_of_runs_per_new_checkpoint(tiny_config_data, tmp_path):
     ckpts = tmp_path / "ckpts"
     ckpts.mkdir()
     cfg = parse_config(watching(tiny_config_data, ckpts))
@@ -59,18 +75,14 @@ def test_sensor_requests_one_backfill_per_new_checkpoint(tiny_config_data, tmp_p
 
         fake_checkpoint(ckpts / "checkpoint-100")
         first = tick(defs, instance, empty.cursor)
-        assert len(first.run_requests) == 1
+        # wave 1: activations, one run per layer (public RunRequests: asset selection + partition key)
+        assert units(first) == [(("activations",), "0"), (("activations",), "2")]
         req = first.run_requests[0]
         assert req.tags[CHECKPOINT_TAGS["id"]] == "checkpoint-100"
         assert req.tags[CHECKPOINT_TAGS["name_or_path"]] == str(ckpts / "checkpoint-100")
         version = req.tags[CHECKPOINT_TAGS["version"]]
         assert version and SensorCursor.parse(first.cursor).version == version
-        # a backfill of activations and everything downstream, every partition; samples untouched
-        subset = req.asset_graph_subset
-        keys = {k.to_user_string() for k in subset.asset_keys}
-        assert {"activations", "sae"} <= keys and "vqa_samples" not in keys and CHECKPOINT_ASSET not in keys
-        assert set(subset.get_partitions_subset(dg.AssetKey("activations")).get_partition_keys()) == {"0", "2"}
-        assert set(subset.get_partitions_subset(dg.AssetKey("sae")).get_partition_keys()) == {"0|16", "2|16"}
+        assert all(r.tags[CHECKPOINT_TAGS["version"]] == version and r.run_key for r in first.run_requests)
         # the checkpoint is observed with its version as the source asset's data version
         (obs,) = first.asset_events
         assert obs.asset_key == dg.AssetKey(CHECKPOINT_ASSET) and obs.tags[DATA_VERSION_TAG] == version
@@ -82,24 +94,54 @@ def test_sensor_requests_one_backfill_per_new_checkpoint(tiny_config_data, tmp_p
         record = instance.get_latest_data_version_record(dg.AssetKey(CHECKPOINT_ASSET))
         assert record.event_log_entry.asset_observation.tags[DATA_VERSION_TAG] == version
 
-        # unchanged: nothing
+        # unchanged, and the activations runs not finished: nothing new (no SAE run before its input)
         again = tick(defs, instance, first.cursor)
         assert again.run_requests == [] and "already launched" in again.skip_message
+        assert "wave 1/3: 0/2 runs succeeded" in again.skip_message
+        add_run(instance, first.run_requests[0], dg.DagsterRunStatus.SUCCESS)
+        assert tick(defs, instance, again.cursor).run_requests == []  # one layer of two
+        add_run(instance, first.run_requests[1], dg.DagsterRunStatus.SUCCESS)
+
+        # wave 2: every layer x width stage, one run per key, in graph order inside the run
+        second = tick(defs, instance, again.cursor)
+        assert units(second) == [(PER_SAE, "0|16"), (PER_SAE, "2|16")]
+        assert all(r.tags[CHECKPOINT_TAGS["version"]] == version for r in second.run_requests)
+        # a failed run holds the wave and is named; its re-execution (same tags) lets it go on
+        add_run(instance, second.run_requests[0], dg.DagsterRunStatus.SUCCESS)
+        failed = add_run(instance, second.run_requests[1], dg.DagsterRunStatus.FAILURE)
+        held = tick(defs, instance, second.cursor)
+        assert held.run_requests == [] and "1 failed" in held.skip_message and failed in held.skip_message
+        add_run(instance, second.run_requests[1], dg.DagsterRunStatus.SUCCESS)
+
+        # wave 3: the report (unpartitioned), then the re-run is complete
+        third = tick(defs, instance, held.cursor)
+        assert units(third) == [(("report",), None)]
+        add_run(instance, third.run_requests[0], dg.DagsterRunStatus.SUCCESS)
+        done = tick(defs, instance, third.cursor)
+        assert done.run_requests == [] and "complete" in done.skip_message
+        assert SensorCursor.parse(done.cursor).wave is None
+        assert tick(defs, instance, done.cursor).skip_message.endswith("already launched")
 
         # an unfinished newer folder (no weights yet) is ignored
         (ckpts / "checkpoint-200").mkdir()
         (ckpts / "checkpoint-200" / "config.json").write_text("{}")
-        assert tick(defs, instance, again.cursor).run_requests == []
+        assert tick(defs, instance, done.cursor).run_requests == []
 
-        # another checkpoint appears: a new request for it
+        # another checkpoint appears: a new re-run for it, from the first wave
         shutil.rmtree(ckpts / "checkpoint-200")
         fake_checkpoint(ckpts / "checkpoint-200", b"later")
-        second = tick(defs, instance, again.cursor)
-        assert [r.tags[CHECKPOINT_TAGS["id"]] for r in second.run_requests] == ["checkpoint-200"]
-        assert second.run_requests[0].tags[CHECKPOINT_TAGS["version"]] != version
+        later = tick(defs, instance, done.cursor)
+        assert [r.tags[CHECKPOINT_TAGS["id"]] for r in later.run_requests] == ["checkpoint-200"] * 2
+        assert units(later)[0] == (("activations",), "0")
+        assert later.run_requests[0].tags[CHECKPOINT_TAGS["version"]] != version
+        # a newer checkpoint while a re-run waits supersedes it
+        shutil.rmtree(ckpts / "checkpoint-200")
+        fake_checkpoint(ckpts / "checkpoint-300", b"latest")
+        newest = tick(defs, instance, later.cursor)
+        assert {r.tags[CHECKPOINT_TAGS["id"]] for r in newest.run_requests} == {"checkpoint-300"}
 
         # a cursor set by hand that the sensor cannot read counts as "nothing launched yet"
-        assert len(tick(defs, instance, "not json").run_requests) == 1
+        assert len(tick(defs, instance, "not json").run_requests) == 2
 
 
 def test_sensor_enabled_and_no_sensor_without_checkpoints(tiny_config_data, tmp_path):
@@ -126,14 +168,16 @@ def test_cron_gate_and_hub_source(tiny_config_data, tmp_path):
             return evaluate_checkpoint_sensor(ctx, cfg.checkpoints, source, now=now)
 
         first = run(None, day)  # never looked: look now
-        (req,) = first.run_requests
+        req = first.run_requests[0]
         assert req.tags[CHECKPOINT_TAGS["revision"]] == "a" * 40
         assert req.tags[CHECKPOINT_TAGS["name_or_path"]] == "me/llava-ft"
         api.sha = "b" * 40
         early = run(first.cursor, day + 3600)  # 04:30, no tick since 03:30
         assert not early.run_requests and "next look" in early.skip_reason.skip_message
         next_day = run(first.cursor, day + 86400)  # 03:30 next day: the 03:00 tick passed
-        assert [r.tags[CHECKPOINT_TAGS["revision"]] for r in next_day.run_requests] == ["b" * 40]
+        assert {r.tags[CHECKPOINT_TAGS["revision"]] for r in next_day.run_requests} == {"b" * 40}
+        # while a re-run waits, the cron gate still lets the sensor follow its runs (and say so)
+        assert "wave 1/3" in run(next_day.cursor, day + 86400 + 3600).skip_reason.skip_message
 
 
 @pytest.mark.slow
@@ -160,8 +204,9 @@ def test_runs_pinned_to_a_checkpoint_record_it_and_reuse(tiny_config_data, tiny_
 
     def sensor_tags(instance, cursor):
         result = tick(defs, instance, cursor)
-        (req,) = result.run_requests
-        return req.tags, result.cursor
+        tags = {r.tags[CHECKPOINT_TAGS["version"]] for r in result.run_requests}
+        assert len(tags) == 1  # every run of the wave pinned to the same checkpoint
+        return {k: v for k, v in result.run_requests[0].tags.items() if k in CHECKPOINT_TAGS.values()}, result.cursor
 
     with dg.instance_for_test() as instance:
         materialize(instance, ["vqa_samples"])

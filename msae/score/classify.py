@@ -8,13 +8,25 @@ says how much better than random examples the concept must describe the latent's
 * both aligned and the concepts agree (``quality.concepts_agree``) → ``multimodal``
 * both aligned but they name different things → ``mixed`` (the latent answers to two concepts)
 * only the visual → ``visual``; only the textual → ``textual``; neither (or no concept) → ``none``
+
+Labelling is the cheap step after alignment scoring (:func:`label_frame`): it reads only the score
+frame and :data:`LABEL_FIELDS`, so a threshold edit relabels stored scores instead of embedding
+every top image again (``msae.score.stage``).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import polars as pl
 
+from msae.score.quality import concepts_agree, normalise_concept
+
 LABELS = ("visual", "textual", "multimodal", "mixed", "none")
+LABEL_FIELDS = frozenset({"visual_threshold", "textual_threshold", "agreement"})
+"""The ``scores`` fields that decide labels (``concepts_agree``, ``modality``) and nothing else."""
+LABEL_COLUMNS = ("concepts_agree", "modality")
+"""Columns :func:`label_frame` adds to a score frame."""
 
 
 def classify(visual_score: float | None, textual_score: float | None, agree: bool, visual_threshold: float,
@@ -34,3 +46,27 @@ def classify_frame(frame: pl.DataFrame, visual_threshold: float, textual_thresho
     expr = (pl.when(v & t & agree).then(pl.lit("multimodal")).when(v & t).then(pl.lit("mixed"))
             .when(v).then(pl.lit("visual")).when(t).then(pl.lit("textual")).otherwise(pl.lit("none")))
     return frame.select(expr.alias("modality")).to_series()
+
+
+def agreement_column(frame: pl.DataFrame, agreement: float) -> pl.Series:
+    """``concepts_agree`` of every row, from its concepts and their text-embedding cosine."""
+    def norm(c: str | None) -> str | None:
+        return normalise_concept(c) if c else None
+
+    values = [concepts_agree(norm(v), norm(t), cos, agreement) for v, t, cos in
+              zip(frame["visual_concept"].to_list(), frame["textual_concept"].to_list(),
+                  frame["concept_cosine"].to_list())]
+    return pl.Series("concepts_agree", values, dtype=pl.Boolean)
+
+
+def label_frame(frame: pl.DataFrame, scores: Any) -> pl.DataFrame:
+    """A score frame (no :data:`LABEL_COLUMNS`) with its labels: ``concepts_agree`` right after
+    ``concept_cosine`` and ``modality`` last, the column order ``concepts.parquet`` has always had.
+
+    ``scores``: a :class:`msae.config.ScoresConfig` (only :data:`LABEL_FIELDS` are read)."""
+    cols = frame.columns
+    at = cols.index("concept_cosine") + 1
+    labelled = frame.with_columns(agreement_column(frame, scores.agreement)).select(
+        [*cols[:at], "concepts_agree", *cols[at:]])
+    return labelled.with_columns(classify_frame(labelled, scores.visual_threshold,
+                                                scores.textual_threshold).alias("modality"))

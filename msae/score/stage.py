@@ -12,12 +12,21 @@ controls and baseline draws are per latent, seeded by ``(scores.seed, latent)``,
 prompting modes, so their scores are comparable; every view is embedded once per image–text model.
 Where the dataset has annotations, ``ground_truth.parquet`` beside it holds the activation-only
 ground-truth labels.
+
+Scoring (:func:`alignment_scores`: embeddings → score columns) is split from labelling
+(:func:`msae.score.classify.label_frame`: thresholds and agreement → ``concepts_agree``,
+``modality``). :func:`run_concept_scores` caches the score frame, the judge's scores and ground
+truth under keys that leave the labelling settings out, so after a threshold edit the stage
+re-runs (its code version keeps the thresholds, so Dagster marks it and its readers stale) but
+only relabels.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import io
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,10 +36,10 @@ import numpy as np
 import polars as pl
 
 from msae.config import MsaeConfig
-from msae.score.classify import classify_frame
-from msae.score.quality import (auroc, baseline_score, candidate_concepts, concept_category, concepts_agree,
-                                contrastive_score, draw_excluding, mask_balanced_split, normalise_concept,
-                                visual_image_scores, window_baseline_draws)
+from msae.score.classify import LABEL_FIELDS, label_frame
+from msae.score.quality import (auroc, baseline_score, candidate_concepts, concept_category, contrastive_score,
+                                draw_excluding, mask_balanced_split, normalise_concept, visual_image_scores,
+                                window_baseline_draws)
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +255,15 @@ def _nan_none(x: float) -> float | None:
 
 def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.DataFrame, image_text: list[Any],
                     text_embedder: Any, pools: ControlPools | None = None) -> pl.DataFrame:
-    """Scores of every proposal row (pure given the embedders and pools; see module doc).
+    """Scores and labels of every proposal row (pure given the embedders and pools; see module doc):
+    :func:`alignment_scores`, then :func:`msae.score.classify.label_frame`."""
+    return label_frame(alignment_scores(cfg, evidence, proposals, image_text, text_embedder, pools), cfg.scores)
+
+
+def alignment_scores(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.DataFrame, image_text: list[Any],
+                     text_embedder: Any, pools: ControlPools | None = None) -> pl.DataFrame:
+    """Embedding scores of every proposal row, without labels: independent of
+    :data:`msae.score.classify.LABEL_FIELDS`, so a threshold edit reuses them.
 
     ``pools`` default to the evidence's own images and top texts (:func:`evidence_pools`).
     """
@@ -306,15 +323,12 @@ def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Dat
         out |= _textual_columns(tplans.get(lat) if t is not None else None, win_emb, pool_emb,
                                 text_vec.get(t) if t is not None else None)
         out["concept_cosine"] = float(text_vec[v] @ text_vec[t]) if v and t else None
-        out["concepts_agree"] = concepts_agree(v, t, out["concept_cosine"], cfg.scores.agreement)
         out["visual_category"] = concept_category(v)
         out |= _detection(lat, v, t, evidence, owners_a, image_whole_a, whole_ids, whole_emb, emb[first][1],
                           cand_idx, win_owner_a, win_sample_a, win_emb, text_vec, cfg.scores.detection_negatives,
                           rng)
         rows.append(out)
-    frame = pl.DataFrame(rows, infer_schema_length=None)
-    return frame.with_columns(classify_frame(frame, cfg.scores.visual_threshold,
-                                             cfg.scores.textual_threshold).alias("modality"))
+    return pl.DataFrame(rows, infer_schema_length=None)
 
 
 VISUAL_COLUMNS = ("visual_score", "visual_score_var", "visual_score_random", "visual_softmax", "visual_cosine",
@@ -373,26 +387,231 @@ def _detection(lat: int, v: str | None, t: str | None, evidence: dict, owners: n
     return out
 
 
+# --- the stage: alignment scores, judge and ground truth cached apart from the labels ---------------
+SCORES_REVISION = 1
+"""Bump when :func:`alignment_scores` (or the judge, or ground truth) computes other values."""
+CACHE = "_cache/concept_scores"
+"""Per partition, beside ``concepts.parquet``: one entry per kind (alignment, judge, ground_truth),
+``<kind>-<key>/``, replaced when its key changes. Scratch (``integrity.SCRATCH``), not an output."""
+ENTRY_RECORD = "entry.info"
+"""An entry's record (JSON; not named ``*.json``: the explainer's answer cache shares ``_cache/``
+and counts its answers as the ``.json`` files under it)."""
+REPORT_FIELDS = frozenset({"ablation", "bootstrap"})
+"""``scores`` fields only the report reads."""
+
+
+def _gt_fields() -> frozenset[str]:
+    from msae.config import ScoresConfig
+
+    return frozenset(f for f in ScoresConfig.model_fields if f.startswith("gt_"))
+
+
+JUDGE_FIELDS = frozenset({"judge", "judge_model", "judge_base_url", "judge_examples"})
+IMAGE_FIELDS = frozenset({"image_root", "allowed_image_roots", "allow_image_urls", "max_image_bytes",
+                          "max_image_pixels", "image_url_timeout_s"})
+"""``dataset`` fields that decide which image a score view reads and whether it loads."""
+
+
+def _digest(store: Any, *parts: str) -> str | None:
+    """sha256 of one stored file (None when it is missing)."""
+    from msae.integrity import READ_CHUNK
+
+    if not store.exists(*parts):
+        return None
+    h = hashlib.sha256()
+    with store.fs.open(store.path(*parts), "rb") as f:
+        while chunk := f.read(READ_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _folder_digest(store: Any, *parts: str) -> dict[str, str | None]:
+    """sha256 of every output file under a stored folder, keyed by its path inside it."""
+    from msae.integrity import SCRATCH
+    from msae.store import is_tmp_name
+
+    if not store.exists(*parts):
+        return {}
+    base = store.path(*parts).rstrip("/") + "/"
+    rels = sorted(p[len(base):] for p in store.fs.find(base) if p.startswith(base))
+    rels = [r for r in rels if not (SCRATCH.intersection(r.split("/")[:-1]) or is_tmp_name(r))]
+    return {r: _digest(store, *parts, r) for r in rels}
+
+
+def _key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _evidence_files(store: Any, folder: str, layer: int, width: int) -> dict[str, str | None]:
+    """What the scores read from the store: proposals, evidence (stats, top examples), samples, tokens."""
+    from msae.explain.stage import PROPOSALS
+    from msae.latents.evidence import latents_dir
+    from msae.latents.stage import STATS, TOP
+    from msae.store import Store
+
+    base = latents_dir(layer, width)
+    return {"proposals": _digest(store, folder, PROPOSALS), "stats": _digest(store, base, STATS),
+            "top": _digest(store, base, TOP), "samples": _digest(store, Store.SAMPLES),
+            "tokens": _digest(store, Store.TOKENS)}
+
+
+def alignment_key(cfg: MsaeConfig, files: dict[str, str | None]) -> str:
+    """Identity of :func:`alignment_scores`' output: every setting it reads, and the content of the
+    files it reads — not :data:`LABEL_FIELDS`, the ground-truth, judge or report fields."""
+    return _key({
+        "revision": SCORES_REVISION, "embedders": cfg.embedders.model_dump(mode="json"),
+        "scores": cfg.scores.model_dump(mode="json", exclude=LABEL_FIELDS | _gt_fields() | REPORT_FIELDS
+                                        | JUDGE_FIELDS),
+        "examples": cfg.explainer.examples, "text_include_template": cfg.latents.text_include_template,
+        "images": cfg.dataset.model_dump(mode="json", include=IMAGE_FIELDS), "files": files,
+    })
+
+
+def judge_key(cfg: MsaeConfig, files: dict[str, str | None]) -> str:
+    """Identity of the LLM judge's scores: its settings, prompts, seed and the files it reads."""
+    from msae.score.autointerp import judge_prompt_version, load_judge_templates
+
+    return _key({
+        "revision": SCORES_REVISION, "judge": cfg.scores.model_dump(mode="json", include=JUDGE_FIELDS | {"seed"}),
+        "prompts": judge_prompt_version(load_judge_templates()),
+        "explainer": cfg.explainer.model_dump(mode="json", include={"model", "base_url", "prompting", "examples"}),
+        "files": files,
+    })
+
+
+def ground_truth_key(cfg: MsaeConfig, store: Any, layer: int, width: int) -> str:
+    """Identity of ``ground_truth.parquet``: the ``gt_*`` settings and the content of the SAE, the
+    layer's activations, tokens, samples and annotations (no threshold of the labels)."""
+    from msae.store import Store
+
+    return _key({
+        "revision": SCORES_REVISION, "scores": cfg.scores.model_dump(mode="json", include=_gt_fields()),
+        "sae": _folder_digest(store, store.sae_name(layer, width)),
+        "activations": _folder_digest(store, store.activations_name(layer)),
+        "files": {"tokens": _digest(store, Store.TOKENS), "samples": _digest(store, Store.SAMPLES),
+                  "annotations": _digest(store, "world", "annotations.parquet")},
+    })
+
+
+class ScoreCache:
+    """One partition's cached score parts (see :data:`CACHE`): files plus a record
+    (:data:`ENTRY_RECORD`) written last, with the files' checksums; an entry whose files do not match is recomputed, never read."""
+
+    def __init__(self, store: Any, folder: str) -> None:
+        self.store, self.root = store, f"{folder}/{CACHE}"
+
+    def get(self, kind: str, key: str) -> tuple[dict[str, bytes], dict[str, Any]] | None:
+        entry = f"{self.root}/{kind}-{key}"
+        if not self.store.exists(entry, ENTRY_RECORD):
+            return None
+        try:
+            info = json.loads(self.store.read_bytes(entry, ENTRY_RECORD))
+            files = {name: self.store.read_bytes(entry, name) for name in info["files"]}
+        except Exception as err:  # noqa: BLE001 - a damaged entry is recomputed
+            log.warning("score cache %s unreadable (%s): recomputing", self.store.url(entry), err)
+            return None
+        bad = [n for n, data in files.items() if hashlib.sha256(data).hexdigest() != info["files"][n]]
+        if bad:
+            log.warning("score cache %s: %s changed since written: recomputing", self.store.url(entry), bad)
+            return None
+        return files, info.get("meta", {})
+
+    def put(self, kind: str, key: str, files: dict[str, bytes], meta: dict[str, Any] | None = None) -> None:
+        """Store an entry and drop this kind's older entries (one per kind is kept)."""
+        self.drop(kind, keep=key)
+        entry = f"{self.root}/{kind}-{key}"
+        for name, data in files.items():
+            self.store.write_bytes(data, entry, name)
+        record = {"files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()}, "meta": meta or {}}
+        self.store.write_bytes(json.dumps(record, indent=1).encode(), entry, ENTRY_RECORD)
+
+    def drop(self, kind: str, keep: str | None = None) -> None:
+        if not self.store.exists(self.root):
+            return
+        for path in self.store.fs.ls(self.store.path(self.root), detail=False):
+            name = path.rstrip("/").rsplit("/", 1)[-1]
+            if name.startswith(f"{kind}-") and name != f"{kind}-{keep}":
+                self.store.fs.rm(path, recursive=True)
+
+
+def _frame_bytes(frame: pl.DataFrame) -> bytes:
+    buf = io.BytesIO()
+    frame.write_ipc(buf)  # Arrow IPC keeps every dtype (also all-null columns) exactly
+    return buf.getvalue()
+
+
+def _frame(data: bytes) -> pl.DataFrame:
+    return pl.read_ipc(io.BytesIO(data))
+
+
+def _alignment(cfg: MsaeConfig, store: Any, cache: ScoreCache, key: str, layer: int, width: int,
+               proposals: pl.DataFrame, evidence: Callable[[], dict[int, Any]]) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The partition's alignment scores (:func:`alignment_scores`), from the cache when its key matches."""
+    hit = cache.get("alignment", key)
+    if hit is not None:
+        log.info("concept_scores[layer=%d/width=%d]: alignment scores reused (%s); labelling only", layer, width, key)
+        return _frame(hit[0]["scores.arrow"]), {**hit[1], "alignment_reused": True}
+    image_text, text = load_embedders(cfg)
+    pools = store_pools(cfg, store, np.random.default_rng([cfg.scores.seed, 2]))
+    frame = alignment_scores(cfg, evidence(), proposals, image_text, text, pools)
+    meta = {"embedders": [m.name for m in image_text], "text_embedder": text.name}
+    cache.put("alignment", key, {"scores.arrow": _frame_bytes(frame)}, meta)
+    return frame, {**meta, "alignment_reused": False}
+
+
+def _judged(cfg: MsaeConfig, cache: ScoreCache, key: str, proposals: pl.DataFrame,
+            evidence: Callable[[], dict[int, Any]]) -> pl.DataFrame:
+    """The LLM judge's scores, from the cache when its key matches; results with failed requests are
+    not cached (the next run asks again)."""
+    from msae.score.autointerp import judge_scores
+
+    hit = cache.get("judge", key)
+    if hit is not None:
+        return _frame(hit[0]["judge.arrow"])
+    first = proposals.filter(pl.col("prompting") == cfg.explainer.prompting[0])
+    judged = judge_scores(evidence(), dict(zip(first["latent"].to_list(), first["textual_concept"].to_list())), cfg)
+    if not judged["judge_status"].fill_null("").str.contains("error").any():
+        cache.put("judge", key, {"judge.arrow": _frame_bytes(judged)})
+    return judged
+
+
+def _ground_truth(cfg: MsaeConfig, store: Any, cache: ScoreCache, layer: int, width: int) -> tuple[bytes, bool]:
+    """``ground_truth.parquet``'s bytes, from the cache when its key matches; (bytes, reused)."""
+    from msae.score.ground_truth import ground_truth_from_config
+
+    key = ground_truth_key(cfg, store, layer, width)
+    hit = cache.get("ground_truth", key)
+    if hit is not None:
+        return hit[0][GROUND_TRUTH], True
+    buf = io.BytesIO()
+    ground_truth_from_config(store, layer, width, cfg.scores).write_parquet(buf, compression="zstd", statistics=True)
+    cache.put("ground_truth", key, {GROUND_TRUTH: buf.getvalue()})
+    return buf.getvalue(), False
+
+
 def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> tuple[str, dict[str, Any]]:
-    """Score, label and (where annotations exist) compute ground truth; returns (data version, metadata)."""
+    """Score, label and (where annotations exist) compute ground truth; returns (data version, metadata).
+
+    The expensive parts — embedding every view and window (:func:`alignment_scores`), the LLM judge,
+    ground truth — are cached in the partition's :data:`CACHE` under keys without the labelling
+    settings (:data:`msae.score.classify.LABEL_FIELDS`), so a threshold or agreement edit only
+    relabels; ``concepts.parquet`` is byte for byte what a full computation writes.
+    """
     from msae.explain.stage import PROPOSALS, concepts_folder
     from msae.latents.evidence import load_evidence
 
     folder = concepts_folder(layer, width)
     proposals = store.read_parquet(folder, PROPOSALS)
-    evidence = load_evidence(store, layer, width, sorted(set(proposals["latent"].to_list())))
-    image_text, text = load_embedders(cfg)
-    pools = store_pools(cfg, store, np.random.default_rng([cfg.scores.seed, 2]))
-    frame = score_partition(cfg, evidence, proposals, image_text, text, pools)
+    evidence = functools.cache(lambda: load_evidence(store, layer, width, sorted(set(proposals["latent"].to_list()))))
+    cache = ScoreCache(store, folder)
+    files = _evidence_files(store, folder, layer, width)
+    scored, meta = _alignment(cfg, store, cache, alignment_key(cfg, files), layer, width, proposals, evidence)
+    frame = label_frame(scored, cfg.scores)
     if cfg.scores.judge == "openai":  # Delphi-style detection and fuzzing by an LLM judge
-        from msae.score.autointerp import judge_scores
-
-        first = proposals.filter(pl.col("prompting") == cfg.explainer.prompting[0])
-        judged = judge_scores(evidence, dict(zip(first["latent"].to_list(), first["textual_concept"].to_list())), cfg)
+        judged = _judged(cfg, cache, judge_key(cfg, files), proposals, evidence)
         frame = frame.join(judged.with_columns(pl.col("latent").cast(frame.schema["latent"])), on="latent", how="left")
     store.write_parquet(frame, folder, CONCEPTS)
-    meta: dict[str, Any] = {"concepts_path": store.url(folder, CONCEPTS),
-                            "embedders": [m.name for m in image_text], "text_embedder": text.name}
+    meta = {"concepts_path": store.url(folder, CONCEPTS), **meta}
     masked = frame.filter(pl.col("prompting") == cfg.explainer.prompting[0])
     meta |= {f"census_{k}": int(n) for k, n in masked.group_by("modality").len().iter_rows()}
     for mode in cfg.explainer.prompting:
@@ -406,11 +625,10 @@ def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> t
             meta[f"{col}_{mode}"] = float(s.mean()) if len(s) else None
     digest_parts = [store.read_bytes(folder, CONCEPTS)]
     if store.exists("world", "annotations.parquet"):
-        from msae.score.ground_truth import ground_truth_from_config
-
-        gt = ground_truth_from_config(store, layer, width, cfg.scores)
-        store.write_parquet(gt, folder, GROUND_TRUTH)
-        digest_parts.append(store.read_bytes(folder, GROUND_TRUTH))
+        gt_bytes, meta["ground_truth_reused"] = _ground_truth(cfg, store, cache, layer, width)
+        store.write_bytes(gt_bytes, folder, GROUND_TRUTH)
+        gt = pl.read_parquet(io.BytesIO(gt_bytes))
+        digest_parts.append(gt_bytes)
         meta["ground_truth_path"] = store.url(folder, GROUND_TRUTH)
         meta |= {f"gt_{k}": int(n) for k, n in gt.group_by("gt_modality").len().iter_rows()}
     return hashlib.sha256(b"".join(digest_parts)).hexdigest()[:16], meta
