@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -162,12 +163,19 @@ def apply_threads(cfg: MsaeConfig | RuntimeConfig | None = None, *, step_concurr
     pool can only be sized before torch's first parallel work; after that it is left alone.
     """
     global _applied
-    import torch
-
     from msae.config import MsaeConfig
 
     runtime = cfg.runtime if isinstance(cfg, MsaeConfig) else cfg if cfg is not None else process_runtime()
     plan = plan_threads(runtime, step_concurrency=step_concurrency)
+    if "torch" not in sys.modules:
+        # not imported yet (a stage that only reuses its outputs never imports it): torch's thread
+        # pools read these when it is imported, and a step that does nothing stays cheap
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(plan.threads)
+        if _applied != plan:
+            log.info("torch threads: %d (%s), set for when torch is imported", plan.threads, plan.reason)
+            _applied = plan
+        return plan.threads
+    import torch
     if torch.get_num_threads() != plan.threads:
         torch.set_num_threads(plan.threads)
     interop_note = ""

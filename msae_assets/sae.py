@@ -64,14 +64,14 @@ def build_sae_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         pool=GPU_POOL,  # training on the GPU, and (loss_samples > 0) the VLM
     )
     def sae(context: dg.AssetExecutionContext, vlm: VLMResource) -> dg.MaterializeResult:
-        from msae.sae.stage import fit_sae, training_curve_png
-
         store = Store(cfg.store)
         keys = context.partition_key.keys_by_dimension
         layer, width = int(keys["layer"]), int(keys["width"])
         folder = store.sae_name(layer, width)
 
         def compute() -> tuple[str, dict]:
+            from msae.sae.stage import fit_sae, training_curve_png  # torch: only when there is work
+
             with vlm.load() if uses_vlm else nullcontext(None) as loaded:
                 r = fit_sae(cfg, store, layer, width, loaded)
             if (png := training_curve_png(r.log, f"layer {layer}, width {width}")) is not None:

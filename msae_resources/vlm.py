@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -162,10 +163,6 @@ def release_all() -> None:
     """Drop cached models and free accelerator memory."""
     _CACHE.clear()
     gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch = sys.modules.get("torch")  # not imported: nothing was loaded, and a reused step stays cheap
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

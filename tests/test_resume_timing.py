@@ -86,14 +86,14 @@ def _assets(defs: dg.Definitions) -> dict[str, dg.AssetsDefinition]:
 def test_latent_stats_asset_metadata_after_a_resume(tiny_config_data, fake_clock, monkeypatch):
     """Through Dagster: a materialization that crashes mid-pass, then one that resumes; the second's
     metadata carries the total seconds (both attempts) and this run's share."""
-    import msae.latents.stage as stage_mod
 
     data = {**tiny_config_data, "layers": [2], "widths": [16], "latents": {"cards": 2, "batch_samples": 1},
             "controls": {"random_sae": False, "dissection_oracle": False}}
     cfg = parse_config(data)
     defs = build_definitions(cfg)
     assets = _assets(defs)
-    monkeypatch.setattr(stage_mod, "compute_latent_stats",
+    # the stage imports the pass when it runs (so a reused stage never imports torch): patch it there
+    monkeypatch.setattr(stats_mod, "compute_latent_stats",
                         functools.partial(compute_latent_stats, checkpoint_every=2))
 
     def materialize(names, partition=None, *, ok=True):

@@ -8,13 +8,15 @@ Writes under ``<store>/latents/layer=<L>/width=<W>/`` (formats: docs/formats.md)
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from msae.config import MsaeConfig
-from msae.latents.stats import LatentStatsResult, compute_latent_stats
 from msae.store import Store
+
+if TYPE_CHECKING:  # torch is imported by the pass itself, not by the names the assets read
+    from msae.latents.stats import LatentStatsResult
 
 STATS = "stats.parquet"
 TOP = "top_examples.parquet"
@@ -42,6 +44,8 @@ def run_latent_stats(cfg: MsaeConfig, store: Store, layer: int, width: int, *, f
     tokens: str | pl.DataFrame = (store.path(store.TOKENS) if store.is_local
                                   else store.read_parquet(store.TOKENS))
     ckpt = store.path(folder, "_progress", "pass1.npz") if store.is_local else None
+    from msae.latents.stats import compute_latent_stats
+
     result = compute_latent_stats(sae, open_layer(store, layer), tokens, cfg.latents, device=stats_device(cfg),
                                   progress=progress, checkpoint=ckpt, fingerprint=fingerprint)
     store.write_parquet(result.stats, folder, STATS)
