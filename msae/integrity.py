@@ -160,6 +160,11 @@ def record_outputs(store: Store, stage: str, partition: str | None = None) -> di
     return {rel: {ALGORITHM: digest, "bytes": size} for rel, (digest, size) in zip(files, _digests(store, files))}
 
 
+def content_digests(store: Store, files: list[str]) -> dict[str, str | None]:
+    """sha256 of each stored file (None where it is missing): for keys of caches over stored inputs."""
+    return {rel: d[0] if d is not None else None for rel, d in zip(files, _digests(store, files))}
+
+
 def _digests(store: Store, files: list[str]) -> list[tuple[str, int] | None]:
     """``file_digest`` of each file (None where it is missing), several files at a time."""
     def one(rel: str) -> tuple[str, int] | None:

@@ -12,19 +12,9 @@ import copy
 import dagster as dg
 import polars as pl
 
-from msae.config import parse_config
 from msae.manifest import load_manifest
 from msae.store import Store
-from msae_assets.definitions import build_definitions
-
-
-def _run(data: dict, instance, names: list[str], partition: str | None = None) -> dg.ExecuteInProcessResult:
-    defs = build_definitions(parse_config(data))
-    assets = {a.key.to_user_string(): a for a in defs.assets}
-    result = dg.materialize([assets[n] for n in names], instance=instance, resources=defs.resources,
-                            partition_key=partition, selection=names)
-    assert result.success
-    return result
+from pipeline_helpers import materialize_ok
 
 
 def _versions(store: Store, layers: list[int]) -> dict[int, str]:
@@ -47,40 +37,40 @@ def test_unchanged_layers_keep_their_data_version_and_their_sae(tiny_config_data
     one = _with(tiny_config_data, layers=[0])
     store = Store(one["store"])
     with dg.instance_for_test() as instance:
-        _run(one, instance, ["vqa_samples"])
-        _run(one, instance, ["activations"], "0")
+        materialize_ok(one, instance, ["vqa_samples"])
+        materialize_ok(one, instance, ["activations"], "0")
         v0 = _versions(store, [0])[0]
-        _run(one, instance, ["sae"], "0|16")
+        materialize_ok(one, instance, ["sae"], "0|16")
         assert load_manifest(store, "sae", "layer=0/width=16").metadata["reused"] is False
         fingerprint0 = load_manifest(store, "activations", "0").fingerprint
 
         # a second layer: the extraction runs again (another run fingerprint) but layer 0's values did not change
         both = _with(tiny_config_data, layers=[0, 2])
-        act = _run(both, instance, ["activations"], "0")
+        act = materialize_ok(both, instance, ["activations"], "0")
         assert not _reused(act, "activations")
         assert load_manifest(store, "activations", "0").fingerprint != fingerprint0
         v = _versions(store, [0, 2])
         assert v[0] == v0 and v[2] != v0
-        r = _run(both, instance, ["sae"], "0|16")
+        r = materialize_ok(both, instance, ["sae"], "0|16")
         assert _reused(r, "sae")
-        _run(both, instance, ["sae"], "2|16")
+        materialize_ok(both, instance, ["sae"], "2|16")
         sae2 = load_manifest(store, "sae", "layer=2/width=16").data_version
 
         # other chunking: re-extracted in other chunks, same data versions, no SAE re-trained
         chunked = _with(both, extraction={"chunk_samples": 3, "rows_per_zarr_chunk": 64})
-        act = _run(chunked, instance, ["activations"], "0")
+        act = materialize_ok(chunked, instance, ["activations"], "0")
         assert not _reused(act, "activations")
         assert _versions(store, [0, 2]) == v
         for layer in (0, 2):
-            assert _reused(_run(chunked, instance, ["sae"], f"{layer}|16"), "sae")
+            assert _reused(materialize_ok(chunked, instance, ["sae"], f"{layer}|16"), "sae")
         assert load_manifest(store, "sae", "layer=2/width=16").data_version == sae2
 
         # other stored values (float32 instead of float16): every layer's version changes
         wide = _with(chunked, extraction={"chunk_samples": 3, "rows_per_zarr_chunk": 64, "store_dtype": "float32"})
-        _run(wide, instance, ["activations"], "0")
+        materialize_ok(wide, instance, ["activations"], "0")
         changed = _versions(store, [0, 2])
         assert changed[0] != v[0] and changed[2] != v[2]
-        assert not _reused(_run(wide, instance, ["sae"], "0|16"), "sae")
+        assert not _reused(materialize_ok(wide, instance, ["sae"], "0|16"), "sae")
 
 
 def test_value_inputs_drop_layout_and_other_layers_but_keep_value_settings():

@@ -20,7 +20,7 @@ import msae.score.stage as score_stage
 from msae.config import parse_config
 from msae.explain.stage import PROPOSALS, concepts_folder
 from msae.store import Store
-from msae_assets.definitions import build_definitions
+from pipeline_helpers import materialize_ok
 
 PART = "0|16"
 FOLDER = concepts_folder(0, 16)
@@ -63,15 +63,6 @@ def calls(monkeypatch) -> Counter:
     return counts
 
 
-def _run(data: dict, instance, names: list[str], partition: str | None = None) -> dg.ExecuteInProcessResult:
-    defs = build_definitions(parse_config(data))
-    assets = {a.key.to_user_string(): a for a in defs.assets}
-    result = dg.materialize([assets[n] for n in names], instance=instance, resources=defs.resources,
-                            partition_key=partition, selection=names)
-    assert result.success
-    return result
-
-
 def _meta(result: dg.ExecuteInProcessResult) -> dict:
     return {k: v.value for k, v in result.asset_materializations_for_node("concept_scores")[-1].metadata.items()}
 
@@ -79,7 +70,7 @@ def _meta(result: dg.ExecuteInProcessResult) -> dict:
 def _scores(data: dict, instance, calls: Counter) -> tuple[dict, Counter]:
     """Materialize concept_scores; (its metadata, the embedder / ground-truth calls it made)."""
     calls.clear()
-    meta = _meta(_run(data, instance, ["concept_scores"], PART))
+    meta = _meta(materialize_ok(data, instance, ["concept_scores"], PART))
     return meta, Counter(calls)
 
 
@@ -93,9 +84,9 @@ def test_threshold_edit_relabels_without_embedding_again(tiny_config_data, calls
     data = {**copy.deepcopy(tiny_config_data), "layers": [0]}
     store = Store(data["store"])
     with dg.instance_for_test() as instance:
-        _run(data, instance, ["vqa_samples"])
-        _run(data, instance, ["activations"], "0")
-        _run(data, instance, ["sae", "latent_stats", "concepts"], PART)
+        materialize_ok(data, instance, ["vqa_samples"])
+        materialize_ok(data, instance, ["activations"], "0")
+        materialize_ok(data, instance, ["sae", "latent_stats", "concepts"], PART)
         assert store.exists("world", "annotations.parquet")  # ground truth is part of the stage here
 
         meta, made = _scores(data, instance, calls)
@@ -160,9 +151,9 @@ def test_damaged_score_cache_is_recomputed_not_read(tiny_config_data, calls):
     data = {**copy.deepcopy(tiny_config_data), "layers": [0]}
     store = Store(data["store"])
     with dg.instance_for_test() as instance:
-        _run(data, instance, ["vqa_samples"])
-        _run(data, instance, ["activations"], "0")
-        _run(data, instance, ["sae", "latent_stats", "concepts"], PART)
+        materialize_ok(data, instance, ["vqa_samples"])
+        materialize_ok(data, instance, ["activations"], "0")
+        materialize_ok(data, instance, ["sae", "latent_stats", "concepts"], PART)
         _scores(data, instance, calls)
         concepts = store.read_bytes(FOLDER, score_stage.CONCEPTS)
         entries = [p for p in store.fs.find(store.path(FOLDER, score_stage.CACHE)) if p.endswith("scores.arrow")]

@@ -414,28 +414,16 @@ IMAGE_FIELDS = frozenset({"image_root", "allowed_image_roots", "allow_image_urls
 
 def _digest(store: Any, *parts: str) -> str | None:
     """sha256 of one stored file (None when it is missing)."""
-    from msae.integrity import READ_CHUNK
+    from msae.integrity import content_digests
 
-    if not store.exists(*parts):
-        return None
-    h = hashlib.sha256()
-    with store.fs.open(store.path(*parts), "rb") as f:
-        while chunk := f.read(READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
+    return content_digests(store, ["/".join(parts)])["/".join(parts)]
 
 
-def _folder_digest(store: Any, *parts: str) -> dict[str, str | None]:
-    """sha256 of every output file under a stored folder, keyed by its path inside it."""
-    from msae.integrity import SCRATCH
-    from msae.store import is_tmp_name
+def _stage_digest(store: Any, stage: str, partition: str) -> dict[str, str | None]:
+    """sha256 of every output file of an upstream stage (the files :mod:`msae.integrity` checks)."""
+    from msae.integrity import content_digests, output_files
 
-    if not store.exists(*parts):
-        return {}
-    base = store.path(*parts).rstrip("/") + "/"
-    rels = sorted(p[len(base):] for p in store.fs.find(base) if p.startswith(base))
-    rels = [r for r in rels if not (SCRATCH.intersection(r.split("/")[:-1]) or is_tmp_name(r))]
-    return {r: _digest(store, *parts, r) for r in rels}
+    return content_digests(store, output_files(store, stage, partition))
 
 
 def _key(inputs: dict[str, Any]) -> str:
@@ -486,10 +474,9 @@ def ground_truth_key(cfg: MsaeConfig, store: Any, layer: int, width: int) -> str
 
     return _key({
         "revision": SCORES_REVISION, "scores": cfg.scores.model_dump(mode="json", include=_gt_fields()),
-        "sae": _folder_digest(store, store.sae_name(layer, width)),
-        "activations": _folder_digest(store, store.activations_name(layer)),
-        "files": {"tokens": _digest(store, Store.TOKENS), "samples": _digest(store, Store.SAMPLES),
-                  "annotations": _digest(store, "world", "annotations.parquet")},
+        "sae": _stage_digest(store, "sae", f"layer={layer}/width={width}"),
+        "activations": _stage_digest(store, "activations", str(layer)),  # the layer's zarr and tokens.parquet
+        "files": {"samples": _digest(store, Store.SAMPLES), "annotations": _digest(store, "world", "annotations.parquet")},
     })
 
 
