@@ -13,12 +13,19 @@ demo``) on the calibration world into its own store, then chooses, in this order
    annotation is that concept. The candidate with the highest product of the two, pooled, wins
    (ties: the earlier candidate in :data:`EVIDENCE_CANDIDATES`). If it differs from the calibration run's setting, the concept
    stages are re-run with it.
-2. **Text window and thresholds** — ``embedders.text_window`` (the tokens each side of the peak
-   that textual scoring embeds; :data:`TEXT_WINDOWS`) and ``scores.visual_threshold`` /
-   ``scores.textual_threshold`` on a grid: the combination with the highest macro-F1 of the
-   pipeline's labels against ground truth, pooled over every layer × width (ties: the earlier
-   window, then the threshold pair closest to the grid's centre). Each window rescores the
-   calibration run's proposals; nothing is explained again.
+2. **Text window and label rule** — ``embedders.text_window`` (the tokens each side of the peak
+   that textual scoring embeds; :data:`TEXT_WINDOWS`), the contrast thresholds
+   ``scores.visual_threshold`` / ``scores.textual_threshold`` and the population gate
+   (``scores.visual_population_threshold`` / ``textual_population_threshold`` /
+   ``population_min_positives``, :mod:`msae.score.population`) on grids: the combination with the
+   highest macro-F1 of the pipeline's labels against ground truth, pooled over every layer × width
+   (ties: the earlier window, then :func:`choose_thresholds`). Each window rescores the calibration
+   run's proposals; nothing is explained again.
+
+Between the two, **concept selection** (``scores.select_by_detection``, ``selection_tolerance``;
+:mod:`msae.score.population`): off, or on at each of :data:`SELECTION_TOLERANCES`; the candidate
+with the highest exact concept match of the ground-truth-grounded latents, pooled, wins (ties:
+the earlier candidate, so off, then the smaller tolerance).
 
 The result, with every candidate's figure, is written to ``data/calibration/embedded.json``; the
 embedded profile carries the chosen values (a test checks that they agree).
@@ -39,6 +46,7 @@ import polars as pl
 import yaml
 
 from msae.config import PROJECT_ROOT, MsaeConfig, parse_config, profile_text
+from msae.score.population import POPULATION_COLUMNS
 
 CALIBRATION_FILE = PROJECT_ROOT / "data" / "calibration" / "embedded.json"
 EVIDENCE_CANDIDATES: tuple[tuple[str, float], ...] = (
@@ -47,6 +55,15 @@ EVIDENCE_CANDIDATES: tuple[tuple[str, float], ...] = (
 )
 """(latents.ranking, latents.active_fraction): the method's rule first, so it wins ties."""
 THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+POPULATION_GRID: tuple[float, ...] = (0.0, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+"""Population-gate thresholds swept (``scores.*_population_threshold``; 0: no gate)."""
+SELECTION_TOLERANCES: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
+"""``scores.selection_tolerance`` values tried (with selection off as the first candidate)."""
+MIN_POSITIVES_GRID: tuple[int, ...] = (5, 10, 20, 40)
+"""``scores.population_min_positives`` values swept."""
+LABEL_RULE_KEYS: tuple[str, ...] = ("visual_threshold", "textual_threshold", "visual_population_threshold",
+                                    "textual_population_threshold", "population_min_positives")
+"""The ``scores`` fields the sweep chooses (contrast thresholds first)."""
 TEXT_WINDOWS: tuple[int, ...] = (5, 2, 1)
 
 
@@ -103,56 +120,132 @@ def evidence_candidates(cfg: MsaeConfig, store: Any, gts: dict[tuple[int, int], 
 
 
 # --- thresholds -------------------------------------------------------------------------------------
+def _encode(labels: list[str], classes: list[str]) -> np.ndarray:
+    where = {c: i for i, c in enumerate(classes)}
+    return np.array([where[x] for x in labels], dtype=np.int64)
+
+
+def _macro_f1(y: np.ndarray, p: np.ndarray, n_classes: int, present: np.ndarray) -> float:
+    """sklearn's ``f1_score(average="macro", zero_division=0)`` over the ground truth's classes."""
+    cm = np.bincount(y * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(axis=0) + cm.sum(axis=1)
+    f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+    return float(f1[present].mean())
+
+
 def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str = "masked") -> list[dict]:
-    """Pooled macro-F1 of the labels against ground truth for every threshold pair of the grid."""
-    from sklearn.metrics import f1_score
+    """Pooled macro-F1 of the labels against ground truth for every setting of the label rule on the
+    grids: both contrast thresholds, both population-gate thresholds (0: no gate) and the gate's
+    minimum number of positives (a frame without population columns sweeps the contrast only)."""
+    from msae.score.classify import LABELS
 
-    from msae.score.classify import classify_frame
+    classes = list(dict.fromkeys([*LABELS, *(x for _, gt in frames for x in gt["gt_modality"].to_list())]))
+    parts = []
+    for concepts, gt in frames:
+        c = concepts.filter(pl.col("prompting") == mode)
+        parts.append(gt.select("latent", "gt_modality").join(
+            c.with_columns(pl.col("latent").cast(gt.schema["latent"])), on="latent", how="left"))
+    j = pl.concat(parts, how="diagonal_relaxed")
+    gated = all(col in j.columns for col in POPULATION_COLUMNS)
 
+    def col(name: str, fill: float) -> np.ndarray:
+        return j[name].cast(pl.Float64).fill_null(fill).to_numpy() if name in j.columns else np.full(j.height, fill)
+
+    y = _encode(j["gt_modality"].to_list(), classes)
+    present = np.unique(y)
+    vs, ts = col("visual_score", -np.inf), col("textual_score", -np.inf)
+    agree = j["concepts_agree"].fill_null(False).to_numpy() if "concepts_agree" in j.columns else np.zeros(j.height, bool)
+    vp, tp = col("visual_population_auroc", -np.inf), col("textual_population_auroc", -np.inf)
+    vn, tn = col("visual_population_positives", 0), col("textual_population_positives", 0)
+    code = {c: classes.index(c) for c in LABELS}
     rows = []
     for vt in THRESHOLD_GRID:
         for tt in THRESHOLD_GRID:
-            y_true: list[str] = []
-            y_pred: list[str] = []
-            for concepts, gt in frames:
-                c = concepts.filter(pl.col("prompting") == mode)
-                c = c.with_columns(classify_frame(c, vt, tt).alias("label"))
-                j = gt.select("latent", "gt_modality").join(c.select(pl.col("latent").cast(gt.schema["latent"]),
-                                                                     "label"), on="latent", how="left")
-                y_true += j["gt_modality"].to_list()
-                y_pred += j["label"].fill_null("none").to_list()
-            labels = sorted(set(y_true))
-            rows.append({"visual_threshold": vt, "textual_threshold": tt,
-                         "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))})
+            for vg in POPULATION_GRID if gated else (0.0,):
+                for tg in POPULATION_GRID if gated else (0.0,):
+                    for mp in MIN_POSITIVES_GRID if gated and (vg > 0 or tg > 0) else (MIN_POSITIVES_GRID[0],):
+                        v = (vs >= vt) & ((vp >= vg) & (vn >= mp) if vg > 0 else True)
+                        t = (ts >= tt) & ((tp >= tg) & (tn >= mp) if tg > 0 else True)
+                        pred = np.where(v & t & agree, code["multimodal"], np.where(
+                            v & t, code["mixed"], np.where(v, code["visual"], np.where(t, code["textual"],
+                                                                                      code["none"]))))
+                        rows.append({"visual_threshold": vt, "textual_threshold": tt,
+                                     "visual_population_threshold": vg, "textual_population_threshold": tg,
+                                     "population_min_positives": mp,
+                                     "macro_f1": _macro_f1(y, pred, len(classes), present)})
     return rows
 
 
 def choose_thresholds(sweep: list[dict]) -> dict:
+    """The best macro-F1; ties: the contrast pair closest to its grid's centre, then the weakest
+    gate (lower population thresholds, then fewer required positives), then grid order."""
     centre = float(np.median(THRESHOLD_GRID))
     best = max(r["macro_f1"] for r in sweep)
     tied = [r for r in sweep if r["macro_f1"] >= best - 1e-12]
     return min(tied, key=lambda r: (abs(r["visual_threshold"] - centre) + abs(r["textual_threshold"] - centre),
-                                    r["visual_threshold"], r["textual_threshold"]))
+                                    r["visual_threshold"], r["textual_threshold"],
+                                    r.get("visual_population_threshold", 0) + r.get("textual_population_threshold", 0),
+                                    r.get("population_min_positives", 0)))
+
+
+def exact_match(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str) -> dict[str, Any]:
+    """Share of ground-truth-grounded concepts (each modality, pooled) the proposals name exactly."""
+    hits = total = 0
+    for chosen, gt in frames:
+        c = chosen.filter(pl.col("prompting") == mode).with_columns(pl.col("latent").cast(gt.schema["latent"]))
+        j = gt.join(c, on="latent", how="inner")
+        for kind in ("visual", "textual"):
+            g = j.filter(pl.col(f"gt_{kind}_concept").is_not_null() & pl.col(f"{kind}_concept").is_not_null())
+            hits += int((g[f"{kind}_concept"].str.to_lowercase() == g[f"gt_{kind}_concept"]).sum())
+            total += g.height
+    return {"exact_match": hits / total if total else float("nan"), "n": total}
+
+
+def selection_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, int]]) -> list[dict]:
+    """Concept selection (``scores.select_by_detection`` / ``selection_tolerance``): the pooled exact
+    concept match of grounded latents with selection off and at every :data:`SELECTION_TOLERANCES`."""
+    from msae.explain.stage import PROPOSALS, concepts_folder
+    from msae.score.population import score_population
+    from msae.score.stage import GROUND_TRUTH, load_embedders
+
+    image_text, text = load_embedders(cfg)
+    mode = cfg.explainer.prompting[0]
+    inputs = [(store.read_parquet(concepts_folder(*k), PROPOSALS), store.read_parquet(concepts_folder(*k), GROUND_TRUTH))
+              for k in keys]
+    rows = [{"select_by_detection": False, "selection_tolerance": cfg.scores.selection_tolerance,
+             **exact_match(inputs, mode)}]
+    for tol in SELECTION_TOLERANCES:
+        scfg = cfg.model_copy(update={"scores": cfg.scores.model_copy(
+            update={"select_by_detection": True, "selection_tolerance": tol})})
+        frames = [(score_population(scfg, store, *k, prop, image_text, text)[0], gt)
+                  for k, (prop, gt) in zip(keys, inputs)]
+        rows.append({"select_by_detection": True, "selection_tolerance": tol, **exact_match(frames, mode)})
+    for r in rows:
+        print(f"concept selection {r['select_by_detection']} / {r['selection_tolerance']}: "
+              f"exact match {r['exact_match']:.3f} (n={r['n']})", flush=True)
+    return rows
 
 
 def text_window_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, int]]) -> list[dict]:
     """Per :data:`TEXT_WINDOWS` value: the calibration run's proposals rescored with it, the
-    threshold sweep and its best pair."""
+    threshold sweep and its best setting (concept selection as ``cfg`` sets it)."""
     from msae.explain.stage import PROPOSALS, concepts_folder
     from msae.latents.evidence import load_evidence
-    from msae.score.stage import GROUND_TRUTH, load_embedders, score_partition, store_pools
+    from msae.score.stage import GROUND_TRUTH, load_embedders, score_partition_full, store_pools
 
     image_text, text = load_embedders(cfg)
     inputs = []
     for k in keys:
         proposals = store.read_parquet(concepts_folder(*k), PROPOSALS)
         evidence = load_evidence(store, *k, sorted(set(proposals["latent"].to_list())))
-        inputs.append((proposals, evidence, store.read_parquet(concepts_folder(*k), GROUND_TRUTH)))
+        inputs.append((k, proposals, evidence, store.read_parquet(concepts_folder(*k), GROUND_TRUTH)))
     out = []
     for window in TEXT_WINDOWS:
         wcfg = cfg.model_copy(update={"embedders": cfg.embedders.model_copy(update={"text_window": window})})
         pools = store_pools(wcfg, store, np.random.default_rng([wcfg.scores.seed, 2]))
-        frames = [(score_partition(wcfg, ev, prop, image_text, text, pools), gt) for prop, ev, gt in inputs]
+        frames = [(score_partition_full(wcfg, store, *k, ev, prop, image_text, text, pools), gt)
+                  for k, prop, ev, gt in inputs]
         sweep = threshold_sweep(frames, cfg.explainer.prompting[0])
         out.append({"text_window": window, "best": choose_thresholds(sweep), "sweep": sweep})
         print(f"text_window {window}: best {out[-1]['best']}", flush=True)
@@ -187,6 +280,11 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         cfg_path.write_text(yaml.safe_dump(data, sort_keys=False))
         _materialize(cfg_path)
         cfg = parse_config(data)
+    selection = selection_candidates(cfg, store, keys)
+    best_sel = max(selection, key=lambda r: (np.nan_to_num(r["exact_match"], nan=-1.0), -selection.index(r)))
+    data["scores"] = {**data.get("scores", {}), "select_by_detection": best_sel["select_by_detection"],
+                      "selection_tolerance": best_sel["selection_tolerance"]}
+    cfg = parse_config(data)
     windows = text_window_candidates(cfg, store, keys)
     best_w = max(windows, key=lambda r: (r["best"]["macro_f1"], -windows.index(r)))
     best_t, sweep = best_w["best"], best_w["sweep"]
@@ -196,12 +294,16 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         "partitions": [f"{a}|{b}" for a, b in keys],
         "chosen": {"latents.ranking": best_ev["ranking"], "latents.active_fraction": best_ev["active_fraction"],
                    "embedders.text_window": best_w["text_window"],
-                   "scores.visual_threshold": best_t["visual_threshold"],
-                   "scores.textual_threshold": best_t["textual_threshold"]},
+                   "scores.select_by_detection": best_sel["select_by_detection"],
+                   "scores.selection_tolerance": best_sel["selection_tolerance"],
+                   **{f"scores.{k}": best_t[k] for k in LABEL_RULE_KEYS}},
         "evidence_candidates": evidence,
+        "selection_candidates": selection,
         "text_window_candidates": [{"text_window": r["text_window"], **r["best"]} for r in windows],
         "threshold_sweep_best": best_t,
-        "threshold_sweep": sweep,
+        # the sweep's two faces through the best setting (the whole grid is ~20k rows)
+        "threshold_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in LABEL_RULE_KEYS[2:])],
+        "gate_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in LABEL_RULE_KEYS[:2])],
         "gt_census": {f"{a}|{b}": dict(gts[(a, b)].group_by("gt_modality").len().iter_rows()) for a, b in keys},
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -489,6 +489,30 @@ class ScoresConfig(_Section):
     gt_census_aurocs: list[float] = Field(
         default_factory=lambda: [0.8, 0.9, 0.95],
         description="Ground truth: AUROC thresholds at which the report also shows the ground-truth census.")
+    visual_population_threshold: float = Field(
+        0.0, ge=0, le=1, description="Label gate: a visual concept is aligned only when it also detects where the "
+        "latent fires across the dataset — AUROC of cos(concept, whole image) for the images the latent fires "
+        "strongly on, over population_samples samples — at least this (0: no gate). Chosen on a calibration world.")
+    textual_population_threshold: float = Field(
+        0.0, ge=0, le=1, description="Label gate: as visual_population_threshold, for the textual concept against "
+        "the words of the text tokens the latent fires strongly on (0: no gate).")
+    population_min_positives: int = Field(
+        20, ge=1, description="Label gate: a population detection counts only with at least this many items the "
+        "latent fires strongly on (fewer cannot support an AUROC; the latent is then not aligned in that modality).")
+    select_by_detection: bool = Field(
+        False, description="Concept selection: replace each concept by the reading of the explainer's answer (its "
+        "qualifying n-grams, the phrases inside the concept) whose population detection is best, the simplest "
+        "within selection_tolerance (explain-simulate-score style; msae.score.population). The explainer's own "
+        "stays in *_concept_proposed. Off: the explainer's concept, as in the method.")
+    selection_tolerance: float = Field(
+        0.02, ge=0, le=1, description="Concept selection: readings within this much of the best detection AUROC "
+        "count as tied and the one with the fewest words wins.")
+    population_samples: int = Field(
+        2000, gt=0, description="Population detection: samples (a seeded subset) whose images and text tokens are "
+        "the detection population.")
+    population_strong_fraction: float = Field(
+        0.5, gt=0, le=1, description="Population detection: an item is a positive when the latent's activation on it "
+        "is at least this fraction of its largest one over the population, in that modality.")
     bootstrap: int = Field(1000, gt=0, description="Bootstrap resamples for confidence intervals.")
     seed: int = 0
     detection_negatives: int = Field(

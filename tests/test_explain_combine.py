@@ -89,3 +89,14 @@ def test_support_is_order_free_but_ties_follow_rank(order) -> None:
     # "red" and "blue" are both in 3 answers: the one in the best-ranked answer wins, and within
     # "red blue" the earlier word
     assert got.concept == ("blue" if order[0] == 1 else "red")
+
+
+def test_combined_records_every_qualifying_ngram_in_preference_order():
+    from msae.explain.combine import combine_answers
+
+    c = combine_answers(["small orange cross", "small orange cross", "large orange cross", "small cyan cross",
+                         "small orange circle"])
+    # support: small, orange, cross 4 each (the earliest wins the tie); small orange, orange cross 3;
+    # small orange cross only 2 of the 3 required
+    assert c.concept == "small"
+    assert c.qualifying == ("small", "orange", "cross", "small orange", "orange cross")

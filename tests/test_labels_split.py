@@ -133,7 +133,7 @@ def test_threshold_edit_relabels_without_embedding_again(tiny_config_data, calls
         image_text, text = score_stage.load_embedders(cfg)
         evidence = load_evidence(store, 0, 16, sorted(set(proposals["latent"].to_list())))
         pools = score_stage.store_pools(cfg, store, np.random.default_rng([cfg.scores.seed, 2]))
-        direct = score_stage.score_partition(cfg, evidence, proposals, image_text, text, pools)
+        direct = score_stage.score_partition_full(cfg, store, 0, 16, evidence, proposals, image_text, text, pools)
         buf = io.BytesIO()
         direct.write_parquet(buf, compression="zstd", statistics=True)
         assert buf.getvalue() == concepts

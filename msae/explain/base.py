@@ -57,6 +57,13 @@ class ExplainAnswer:
     """backend:model, e.g. openai:llava-onevision-qwen2-72b or dissection:shapes."""
     prompt_version: str
     """Hash of the prompt template used (dissection: its rule version)."""
+    candidates: tuple[str, ...] = ()
+    """Other readings of the same evidence the explainer would also accept, best first (the
+    combining rule's qualifying n-grams); the scorer may pick among them and the concept
+    (``scores.select_by_detection``). Empty for backends that give one answer."""
+
+    def __post_init__(self) -> None:  # a cached answer comes back from JSON with a list
+        object.__setattr__(self, "candidates", tuple(self.candidates))
 
 
 class Explainer(Protocol):

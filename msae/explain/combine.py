@@ -21,6 +21,8 @@ Rule (:func:`combine_answers`), for the answers ``a_1 … a_n`` of one latent in
 5. **Choice** among the qualifying: the highest support; ties → the longer n-gram; then the one
    whose first occurrence is earliest (the best-ranked answer, then the earliest word in it);
    then the lexicographically smallest. The concept is its words joined by single spaces.
+   Every qualifying n-gram is kept in that order (:attr:`Combined.qualifying`): the explainer
+   reports them as the answer's candidates, among which ``scores.select_by_detection`` may choose.
 6. **None qualifies** → no concept: the stage records it as the parser's ``no_concept`` status
    with ``concept`` None ("No visual concept" / "No textual concept").
 
@@ -42,8 +44,9 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-RULE_VERSION = 1
-"""Bump when the rule's code changes (it enters the explainer version, so answers are recomputed)."""
+RULE_VERSION = 2
+"""Bump when the rule's code changes (it enters the explainer version, so answers are recomputed).
+2: the qualifying n-grams are recorded as the answer's candidates (the choice is unchanged)."""
 
 _WORDS = re.compile(r"\w+|[^\w\s]+")
 
@@ -96,6 +99,8 @@ class Combined:
     required: int
     n: int
     """Number of answers combined."""
+    qualifying: tuple[str, ...] = ()
+    """Every qualifying n-gram, in the rule's order of preference (the concept first)."""
 
 
 @dataclass(frozen=True)
@@ -128,5 +133,6 @@ def combine_answers(answers: Sequence[str], rule: CombineRule = CombineRule()) -
     qualifying = [g for g, s in support.items() if s >= required]
     if not n or not qualifying:
         return Combined(None, 0, required, n)
-    best = min(qualifying, key=lambda g: (-support[g], -len(g), first[g], g))
-    return Combined(" ".join(best), support[best], required, n)
+    ranked = sorted(qualifying, key=lambda g: (-support[g], -len(g), first[g], g))
+    best = ranked[0]
+    return Combined(" ".join(best), support[best], required, n, tuple(" ".join(g) for g in ranked))

@@ -32,6 +32,7 @@ PROPOSAL_SCHEMA = {
     "visual_status": pl.Utf8, "textual_status": pl.Utf8,
     "visual_raw": pl.Utf8, "textual_raw": pl.Utf8,
     "explainer": pl.Utf8, "visual_prompt_version": pl.Utf8, "textual_prompt_version": pl.Utf8,
+    "visual_candidates": pl.List(pl.Utf8), "textual_candidates": pl.List(pl.Utf8),
 }
 RUNTIME_ONLY = {"concurrency", "timeout_s", "max_retries", "backoff_s", "batch_size", "device", "api_key_env",
                 "max_response_bytes"}
@@ -66,8 +67,10 @@ def explainer_fingerprint(cfg: ExplainerConfig, model: ModelConfig | None = None
     out = {**settings, "prompt_dir": None,  # where the templates live does not matter, their text does
            "templates": {"/".join(k): t.version for k, t in sorted(templates.items())}}
     if cfg.backend == "transformers":
+        from msae.explain.combine import RULE_VERSION
         from msae.explain.transformers_backend import model_identity
 
+        out["combine_rule"] = RULE_VERSION
         m = explainer_model(cfg, model)
         out["model_identity"] = model_identity(m["ref"], m["revision"]) if m["ref"] else None
     return out
@@ -182,6 +185,8 @@ def proposals_frame(latents: Sequence[int], answers: Sequence[ExplainAnswer], cf
                 "explainer": explainer.name,
                 "visual_prompt_version": explainer.version("visual", prompting),
                 "textual_prompt_version": explainer.version("textual", cfg.prompting[0]),
+                "visual_candidates": list(v.candidates) if v else [],
+                "textual_candidates": list(t.candidates) if t else [],
             })
     return pl.DataFrame(rows, schema=PROPOSAL_SCHEMA)
 

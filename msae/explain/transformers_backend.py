@@ -280,7 +280,8 @@ class TransformersExplainer:
         concept, status = _status(combined.concept, self.cfg.max_concept_chars)
         return ExplainAnswer(request.latent, request.kind, request.prompting, concept,
                              combined_raw(request.kind, combined, evidence, header), status, self.name,
-                             self.version(request.kind, request.prompting))
+                             self.version(request.kind, request.prompting),
+                             combined.qualifying if concept is not None else ())
 
     def textual_answer(self, request: ExplainRequest) -> ExplainAnswer:
         """per_image: the textual concept from the top texts' peak words (the VLM is not asked)."""

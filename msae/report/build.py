@@ -35,7 +35,7 @@ import numpy as np
 import polars as pl
 
 from msae.config import MsaeConfig
-from msae.score.classify import LABELS, classify_frame
+from msae.score.classify import LABELS, PopulationGate, classify_frame
 
 REPORT = "report"
 METHODS = ("pipeline", "majority", "modality_score", "firing_ratio", "selectivity")
@@ -217,14 +217,17 @@ def oracle_eval(part: dict[str, Any], mode: str, bootstrap: int = 1000, seed: in
 
 
 def random_image_eval(concepts: pl.DataFrame, mode: str, bootstrap: int = 1000, seed: int = 0) -> dict[str, Any] | None:
-    """Real vs random-image (random-window) scores of the mode's concepts: mean [CI] of each and of
-    their paired difference, where concepts.parquet has ``*_score_random`` columns (else None)."""
+    """Real vs random-image (random-window) scores of the mode's concepts, and population detection
+    vs the same detection with a random other concept: mean [CI] of each and of their paired
+    difference, where concepts.parquet has the columns (else None)."""
     from msae.report.evaluation import mean_ci, paired_difference
 
     c = concepts.filter(pl.col("prompting") == mode)
     out: dict[str, Any] = {}
-    for kind in ("visual", "textual"):
-        real, rand = f"{kind}_score", f"{kind}_score_random"
+    for kind, real, rand in (("visual", "visual_score", "visual_score_random"),
+                             ("textual", "textual_score", "textual_score_random"),
+                             ("visual population", "visual_population_auroc", "visual_population_random"),
+                             ("textual population", "textual_population_auroc", "textual_population_random")):
         if real not in c.columns or rand not in c.columns:
             continue
         both = c.select(pl.col(real).cast(pl.Float64), pl.col(rand).cast(pl.Float64)).drop_nulls().drop_nans()
@@ -258,12 +261,14 @@ def masked_vs_whole(concepts: pl.DataFrame, cfg: MsaeConfig,
             "bootstrap": s.bootstrap, "seed": s.seed}
 
 
-def ablation(part: dict[str, Any], thresholds: list[float], mode: str) -> list[dict[str, Any]]:
-    """Census (and macro-F1 against ground truth, if any) with both thresholds set to each value."""
+def ablation(part: dict[str, Any], thresholds: list[float], mode: str,
+             gate: PopulationGate | None = None) -> list[dict[str, Any]]:
+    """Census (and macro-F1 against ground truth, if any) with both contrast thresholds set to each
+    value (the population gate, if any, as configured)."""
     rows = []
     c = part["concepts"].filter(pl.col("prompting") == mode)
     for tau in thresholds:
-        labels = classify_frame(c, tau, tau)
+        labels = classify_frame(c, tau, tau, gate)
         row: dict[str, Any] = {"threshold": tau, **{k: int((labels == k).sum()) for k in LABELS}}
         ev = ground_truth_eval(part, mode, labels, ci=False)
         if ev is not None:
@@ -280,7 +285,10 @@ def settings(cfg: MsaeConfig) -> dict[str, Any]:
     s = cfg.scores
     gt = {k: v for k, v in s.model_dump(mode="json").items() if k.startswith("gt_")}
     return {"labels_from": cfg.explainer.prompting[0], "visual_threshold": s.visual_threshold,
-            "textual_threshold": s.textual_threshold, "bootstrap": s.bootstrap, "seed": s.seed, "level": 0.95,
+            "textual_threshold": s.textual_threshold,
+            "population_gate": {"visual": s.visual_population_threshold, "textual": s.textual_population_threshold,
+                                "min_positives": s.population_min_positives, "samples": s.population_samples,
+                                "strong_fraction": s.population_strong_fraction}, "bootstrap": s.bootstrap, "seed": s.seed, "level": 0.95,
             "ground_truth": gt, "methods": {k: METHOD_NAMES[k] for k in METHODS},
             "firing_ratio": {"image_specific_above": FIRING_RATIO_IMAGE, "text_specific_below": FIRING_RATIO_TEXT,
                              "mapping": FIRING_RATIO_MAP}}
@@ -299,7 +307,7 @@ def summarise(cfg: MsaeConfig, parts: list[dict[str, Any]]) -> dict[str, Any]:
             "census": census(c, mode),
             "explained": int(p["stats"]["explained"].sum()), "dead": int(p["stats"]["dead"].sum()),
             "quality": {m: _describe(c.filter(pl.col("prompting") == m)) for m in cfg.explainer.prompting},
-            "ablation": ablation(p, cfg.scores.ablation, mode),
+            "ablation": ablation(p, cfg.scores.ablation, mode, PopulationGate.from_scores(cfg.scores)),
             "ground_truth": ground_truth_eval(p, mode, bootstrap=n, seed=seed),
             "evidence": p.get("evidence"),
             "masked_vs_whole": masked_vs_whole(c, cfg) if {"masked", "whole"} <= set(cfg.explainer.prompting) else None,
@@ -521,7 +529,8 @@ def render_html(cfg: MsaeConfig, summary: dict[str, Any], examples: list[dict[st
                  "random images / windows": v["random"], "real − random": v["difference"]}
                 for p in parts if (ri := (p.get("controls") or {}).get("random_image")) for kind, v in ri.items()]
         sec.append("<h3>Random-image baseline</h3><p>The concept's score on random images (visual) or random "
-                   "windows (textual) next to its score on the latent's own evidence.</p>"
+                   "windows (textual) next to its score on the latent's own evidence; for population detection, "
+                   "a random other concept's detection of the same firing items.</p>"
                    + (_table(rand) if rand else "<p><em>not computed (no *_score_random columns)</em></p>"))
         sec.append("<h2>Ground-truth census vs label census</h2>" + "".join(
             f"<h3>layer {p['layer']}, width {p['width']} (n={p['ground_truth']['n']})</h3>" + _table(census_rows(p))

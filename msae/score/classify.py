@@ -5,6 +5,13 @@ Rule (thresholds from ``scores``): a latent's visual concept is *aligned* when i
 scores are AUROCs against random controls (``msae.score.quality``): 0.5 is chance, so a threshold
 says how much better than random examples the concept must describe the latent's own.
 
+A *population gate* (:class:`PopulationGate`, from ``scores.visual_population_threshold``,
+``scores.textual_population_threshold`` and ``scores.population_min_positives``) can further require
+the concept to *detect* where the latent fires across the dataset (``msae.score.population``): its
+population AUROC at least the threshold, over at least the minimum number of firing items. A
+threshold of 0 turns that modality's gate off. The contrast alone asks whether the concept
+describes the latent's top examples; the gate asks whether the latent is selective for it.
+
 * both aligned and the concepts agree (``quality.concepts_agree``) → ``multimodal``
 * both aligned but they name different things → ``mixed`` (the latent answers to two concepts)
 * only the visual → ``visual``; only the textual → ``textual``; neither (or no concept) → ``none``
@@ -16,6 +23,7 @@ every top image again (``msae.score.stage``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
@@ -23,7 +31,8 @@ import polars as pl
 from msae.score.quality import concepts_agree, normalise_concept
 
 LABELS = ("visual", "textual", "multimodal", "mixed", "none")
-LABEL_FIELDS = frozenset({"visual_threshold", "textual_threshold", "agreement"})
+LABEL_FIELDS = frozenset({"visual_threshold", "textual_threshold", "agreement", "visual_population_threshold",
+                          "textual_population_threshold", "population_min_positives"})
 """The ``scores`` fields that decide labels (``concepts_agree``, ``modality``) and nothing else."""
 LABEL_COLUMNS = ("concepts_agree", "modality")
 """Columns :func:`label_frame` adds to a score frame."""
@@ -38,10 +47,35 @@ def classify(visual_score: float | None, textual_score: float | None, agree: boo
     return "visual" if v else "textual" if t else "none"
 
 
-def classify_frame(frame: pl.DataFrame, visual_threshold: float, textual_threshold: float) -> pl.Series:
-    """Label every row of a frame with columns visual_score, textual_score, concepts_agree."""
-    v = pl.col("visual_score").fill_null(float("-inf")) >= visual_threshold
-    t = pl.col("textual_score").fill_null(float("-inf")) >= textual_threshold
+@dataclass(frozen=True)
+class PopulationGate:
+    """Population-detection requirements of the label rule (module doc); 0 turns a modality's off."""
+
+    visual: float = 0.0
+    textual: float = 0.0
+    min_positives: int = 1
+
+    @classmethod
+    def from_scores(cls, scores: Any) -> PopulationGate:
+        return cls(scores.visual_population_threshold, scores.textual_population_threshold,
+                   scores.population_min_positives)
+
+    def passes(self, kind: str) -> pl.Expr:
+        """Row-wise: the ``kind`` (visual / textual) concept passes the gate."""
+        threshold = self.visual if kind == "visual" else self.textual
+        if threshold <= 0:
+            return pl.lit(True)
+        return ((pl.col(f"{kind}_population_auroc").fill_null(float("-inf")) >= threshold)
+                & (pl.col(f"{kind}_population_positives").fill_null(0) >= self.min_positives))
+
+
+def classify_frame(frame: pl.DataFrame, visual_threshold: float, textual_threshold: float,
+                   gate: PopulationGate | None = None) -> pl.Series:
+    """Label every row of a frame with columns visual_score, textual_score, concepts_agree (and,
+    with a gate, the ``*_population_auroc`` / ``*_population_positives`` columns)."""
+    gate = gate or PopulationGate()
+    v = (pl.col("visual_score").fill_null(float("-inf")) >= visual_threshold) & gate.passes("visual")
+    t = (pl.col("textual_score").fill_null(float("-inf")) >= textual_threshold) & gate.passes("textual")
     agree = pl.col("concepts_agree").fill_null(False)
     expr = (pl.when(v & t & agree).then(pl.lit("multimodal")).when(v & t).then(pl.lit("mixed"))
             .when(v).then(pl.lit("visual")).when(t).then(pl.lit("textual")).otherwise(pl.lit("none")))
@@ -68,5 +102,5 @@ def label_frame(frame: pl.DataFrame, scores: Any) -> pl.DataFrame:
     at = cols.index("concept_cosine") + 1
     labelled = frame.with_columns(agreement_column(frame, scores.agreement)).select(
         [*cols[:at], "concepts_agree", *cols[at:]])
-    return labelled.with_columns(classify_frame(labelled, scores.visual_threshold,
-                                                scores.textual_threshold).alias("modality"))
+    return labelled.with_columns(classify_frame(labelled, scores.visual_threshold, scores.textual_threshold,
+                                                PopulationGate.from_scores(scores)).alias("modality"))

@@ -253,6 +253,30 @@ def _nan_none(x: float) -> float | None:
     return None if x is None or np.isnan(x) else float(x)
 
 
+def with_population(scored: pl.DataFrame, population: pl.DataFrame, chosen: pl.DataFrame) -> pl.DataFrame:
+    """Alignment scores joined with the population-detection columns and, after selection by
+    detection, the explainer's own concepts (``*_concept_proposed``)."""
+    key = ["latent", "prompting"]
+    out = scored.join(population.with_columns(pl.col("latent").cast(scored.schema["latent"])), on=key, how="left")
+    if "visual_concept_proposed" in chosen.columns:
+        out = out.join(chosen.select(*key, "visual_concept_proposed", "textual_concept_proposed")
+                       .with_columns(pl.col("latent").cast(scored.schema["latent"])), on=key, how="left")
+    return out
+
+
+def score_partition_full(cfg: MsaeConfig, store: Any, layer: int, width: int, evidence: dict[int, Any],
+                         proposals: pl.DataFrame, image_text: list[Any], text_embedder: Any,
+                         pools: ControlPools | None = None) -> pl.DataFrame:
+    """What the stage writes to ``concepts.parquet`` (without the LLM judge), in one uncached pass:
+    population detection and concept selection (``msae.score.population``), alignment scores of the
+    chosen concepts, labels."""
+    from msae.score.population import score_population
+
+    chosen, population = score_population(cfg, store, layer, width, proposals, image_text, text_embedder)
+    scored = alignment_scores(cfg, evidence, chosen, image_text, text_embedder, pools)
+    return label_frame(with_population(scored, population, chosen), cfg.scores)
+
+
 def score_partition(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.DataFrame, image_text: list[Any],
                     text_embedder: Any, pools: ControlPools | None = None) -> pl.DataFrame:
     """Scores and labels of every proposal row (pure given the embedders and pools; see module doc):
@@ -391,7 +415,7 @@ def _detection(lat: int, v: str | None, t: str | None, evidence: dict, owners: n
 SCORES_REVISION = 1
 """Bump when :func:`alignment_scores` (or the judge, or ground truth) computes other values."""
 CACHE = "_cache/concept_scores"
-"""Per partition, beside ``concepts.parquet``: one entry per kind (alignment, judge, ground_truth),
+"""Per partition, beside ``concepts.parquet``: one entry per kind (alignment, population, judge, ground_truth),
 ``<kind>-<key>/``, replaced when its key changes. Scratch (``integrity.SCRATCH``), not an output."""
 ENTRY_RECORD = "entry.info"
 """An entry's record (JSON; not named ``*.json``: the explainer's answer cache shares ``_cache/``
@@ -407,6 +431,9 @@ def _gt_fields() -> frozenset[str]:
 
 
 JUDGE_FIELDS = frozenset({"judge", "judge_model", "judge_base_url", "judge_examples"})
+POPULATION_FIELDS = frozenset({"population_samples", "population_strong_fraction", "select_by_detection",
+                               "selection_tolerance"})
+"""``scores`` fields only population detection (``msae.score.population``) reads, besides ``seed``."""
 IMAGE_FIELDS = frozenset({"image_root", "allowed_image_roots", "allow_image_urls", "max_image_bytes",
                           "max_image_pixels", "image_url_timeout_s"})
 """``dataset`` fields that decide which image a score view reads and whether it loads."""
@@ -449,7 +476,7 @@ def alignment_key(cfg: MsaeConfig, files: dict[str, str | None]) -> str:
     return _key({
         "revision": SCORES_REVISION, "embedders": cfg.embedders.model_dump(mode="json"),
         "scores": cfg.scores.model_dump(mode="json", exclude=LABEL_FIELDS | _gt_fields() | REPORT_FIELDS
-                                        | JUDGE_FIELDS),
+                                        | JUDGE_FIELDS | POPULATION_FIELDS),
         "examples": cfg.explainer.examples, "text_include_template": cfg.latents.text_include_template,
         "images": cfg.dataset.model_dump(mode="json", include=IMAGE_FIELDS), "files": files,
     })
@@ -464,6 +491,20 @@ def judge_key(cfg: MsaeConfig, files: dict[str, str | None]) -> str:
         "prompts": judge_prompt_version(load_judge_templates()),
         "explainer": cfg.explainer.model_dump(mode="json", include={"model", "base_url", "prompting", "examples"}),
         "files": files,
+    })
+
+
+def population_key(cfg: MsaeConfig, store: Any, layer: int, width: int, files: dict[str, str | None]) -> str:
+    """Identity of the population-detection scores: their settings, the judges, and the content of
+    the proposals, the SAE and the layer's activations, tokens and samples."""
+    return _key({
+        "revision": SCORES_REVISION, "scores": cfg.scores.model_dump(mode="json", include=POPULATION_FIELDS | {"seed"}),
+        "embedders": cfg.embedders.model_dump(mode="json", include={"image_text", "text"}),
+        "text_include_template": cfg.latents.text_include_template,
+        "images": cfg.dataset.model_dump(mode="json", include=IMAGE_FIELDS),
+        "sae": _stage_digest(store, "sae", f"layer={layer}/width={width}"),
+        "activations": _stage_digest(store, "activations", str(layer)),
+        "files": {k: files[k] for k in ("proposals", "samples", "tokens")},
     })
 
 
@@ -532,18 +573,43 @@ def _frame(data: bytes) -> pl.DataFrame:
 
 
 def _alignment(cfg: MsaeConfig, store: Any, cache: ScoreCache, key: str, layer: int, width: int,
-               proposals: pl.DataFrame, evidence: Callable[[], dict[int, Any]]) -> tuple[pl.DataFrame, dict[str, Any]]:
+               proposals: pl.DataFrame, evidence: Callable[[], dict[int, Any]],
+               embedders: Callable[[], tuple[list[Any], Any]]) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The partition's alignment scores (:func:`alignment_scores`), from the cache when its key matches."""
     hit = cache.get("alignment", key)
     if hit is not None:
         log.info("concept_scores[layer=%d/width=%d]: alignment scores reused (%s); labelling only", layer, width, key)
         return _frame(hit[0]["scores.arrow"]), {**hit[1], "alignment_reused": True}
-    image_text, text = load_embedders(cfg)
+    image_text, text = embedders()
     pools = store_pools(cfg, store, np.random.default_rng([cfg.scores.seed, 2]))
     frame = alignment_scores(cfg, evidence(), proposals, image_text, text, pools)
     meta = {"embedders": [m.name for m in image_text], "text_embedder": text.name}
     cache.put("alignment", key, {"scores.arrow": _frame_bytes(frame)}, meta)
     return frame, {**meta, "alignment_reused": False}
+
+
+def _population(cfg: MsaeConfig, store: Any, cache: ScoreCache, key: str, layer: int, width: int,
+                proposals: pl.DataFrame, embedders: Callable[[], tuple[list[Any], Any]]
+                ) -> tuple[pl.DataFrame, pl.DataFrame, bool]:
+    """The partition's proposals with their concepts as scored (chosen by detection when
+    ``scores.select_by_detection``) and their population-detection scores (``msae.score.population``),
+    cached; (proposals, scores, reused)."""
+    from msae.score.population import score_population
+
+    hit = cache.get("population", key)
+    if hit is not None:
+        return _frame(hit[0]["proposals.arrow"]), _frame(hit[0]["population.arrow"]), True
+    image_text, text = embedders()
+    chosen, frame = score_population(cfg, store, layer, width, proposals, image_text, text)
+    cache.put("population", key, {"proposals.arrow": _frame_bytes(chosen), "population.arrow": _frame_bytes(frame)})
+    return chosen, frame, False
+
+
+def concepts_digest(proposals: pl.DataFrame) -> str:
+    """sha256 of the concepts that alignment scoring reads (they may differ from the file's after
+    selection by detection)."""
+    cols = proposals.select("latent", "prompting", "visual_concept", "textual_concept")
+    return hashlib.sha256(_frame_bytes(cols)).hexdigest()
 
 
 def _judged(cfg: MsaeConfig, cache: ScoreCache, key: str, proposals: pl.DataFrame,
@@ -592,10 +658,16 @@ def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> t
     evidence = functools.cache(lambda: load_evidence(store, layer, width, sorted(set(proposals["latent"].to_list()))))
     cache = ScoreCache(store, folder)
     files = _evidence_files(store, folder, layer, width)
-    scored, meta = _alignment(cfg, store, cache, alignment_key(cfg, files), layer, width, proposals, evidence)
-    frame = label_frame(scored, cfg.scores)
+    embedders = functools.cache(lambda: load_embedders(cfg))
+    chosen, population, population_reused = _population(
+        cfg, store, cache, population_key(cfg, store, layer, width, files), layer, width, proposals, embedders)
+    files = {**files, "concepts": concepts_digest(chosen)}
+    scored, meta = _alignment(cfg, store, cache, alignment_key(cfg, files), layer, width, chosen, evidence,
+                              embedders)
+    meta["population_reused"] = population_reused
+    frame = label_frame(with_population(scored, population, chosen), cfg.scores)
     if cfg.scores.judge == "openai":  # Delphi-style detection and fuzzing by an LLM judge
-        judged = _judged(cfg, cache, judge_key(cfg, files), proposals, evidence)
+        judged = _judged(cfg, cache, judge_key(cfg, files), chosen, evidence)
         frame = frame.join(judged.with_columns(pl.col("latent").cast(frame.schema["latent"])), on="latent", how="left")
     store.write_parquet(frame, folder, CONCEPTS)
     meta = {"concepts_path": store.url(folder, CONCEPTS), **meta}

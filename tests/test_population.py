@@ -1,0 +1,149 @@
+"""Population detection (msae.score.population) and the label gate it feeds (msae.score.classify)."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from msae.config import ScoresConfig
+from msae.score.classify import LABEL_FIELDS, PopulationGate, classify_frame, label_frame
+from msae.score.population import Population, SparseColumns, detection, population_scores, rank_auroc
+
+
+def test_rank_auroc_matches_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=200).astype(float)  # many ties
+    positive = rng.random(200) < 0.3
+    assert rank_auroc(scores, positive) == pytest.approx(roc_auc_score(positive, scores))
+    assert np.isnan(rank_auroc(scores, np.zeros(200, bool)))
+    assert np.isnan(rank_auroc(scores, np.ones(200, bool)))
+
+
+def test_sparse_columns_group_by_latent_and_keep_the_maximum():
+    # item 0 has two image tokens firing latent 1 (2.0 and 5.0): the sample keeps 5.0
+    cols = SparseColumns.from_triplets(3, 3, items=np.array([0, 0, 1, 2, 2]), latents=np.array([1, 1, 1, 0, 2]),
+                                       values=np.array([2.0, 5.0, 1.0, 0.0, 4.0]))
+    items, values = cols.column(1)
+    assert items.tolist() == [0, 1] and values.tolist() == [5.0, 1.0]
+    assert cols.column(0)[0].tolist() == []  # a zero value is not a firing
+    assert cols.strong(1, 0.5).tolist() == [0]  # 1.0 < 0.5 × 5.0
+    assert cols.strong(2, 0.5).tolist() == [2]
+
+
+def _world(n: int = 60, seed: int = 0):
+    """n images, each red or blue (a unit vector per colour plus noise, in a 4-d 'CLIP'); latent 0
+    fires on red images, latent 1 on a random third of all images, latent 2 on 3 red images."""
+    rng = np.random.default_rng(seed)
+    red = rng.random(n) < 0.5
+    base = {"red": np.array([1.0, 0, 0, 0]), "blue": np.array([0, 1.0, 0, 0])}
+    img = np.stack([base["red" if r else "blue"] + 0.05 * rng.normal(size=4) for r in red])
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    random_third = np.flatnonzero(rng.random(n) < 1 / 3)
+    reds = np.flatnonzero(red)
+    items = np.concatenate([reds, random_third, reds[:3]])
+    latents = np.concatenate([np.zeros(len(reds)), np.ones(len(random_third)), np.full(3, 2)]).astype(int)
+    values = rng.uniform(4, 5, size=len(items))
+    cols = SparseColumns.from_triplets(n, 3, items, latents, values)
+    words = ["red", "blue", "the"] * 10
+    wemb = np.stack([{"red": base["red"], "blue": base["blue"], "the": np.array([0, 0, 1.0, 0])}[w] for w in words])
+    # text: latent 0 fires on the word "red" only
+    t_items = np.array([i for i, w in enumerate(words) if w == "red"])
+    texts = SparseColumns.from_triplets(len(words), 3, t_items, np.zeros(len(t_items), int), np.full(len(t_items), 3.0))
+    pop = Population(cols, [f"img{i}.png" for i in range(n)], texts, words)
+    return pop, img, wemb, base
+
+
+def test_population_scores_separate_a_selective_concept_from_a_common_one():
+    pop, img, wemb, base = _world()
+    proposals = pl.DataFrame({"latent": [0, 1, 2, 0], "prompting": ["masked", "masked", "masked", "whole"],
+                              "visual_concept": ["red", "red", "red", "blue"],
+                              "textual_concept": ["red", "the", None, "blue"]})
+    concept = {"red": base["red"], "blue": base["blue"], "the": np.array([0, 0, 1.0, 0])}
+    out = population_scores(proposals, pop, img, wemb, concept, concept, strong_fraction=0.5, seed=0)
+    rows = {(r["latent"], r["prompting"]): r for r in out.iter_rows(named=True)}
+    sel, rand_lat, rare, wrong = rows[(0, "masked")], rows[(1, "masked")], rows[(2, "masked")], rows[(0, "whole")]
+    assert sel["visual_population_auroc"] == pytest.approx(1.0)  # red predicts exactly where latent 0 fires
+    assert sel["visual_population_positives"] == (pop.images.column(0)[0]).size
+    assert abs(rand_lat["visual_population_auroc"] - 0.5) < 0.2  # a latent firing at random: near chance
+    assert rare["visual_population_positives"] == 3  # the gate's minimum decides what 3 positives are worth
+    assert wrong["visual_population_auroc"] == pytest.approx(0.0)  # "blue" anti-predicts latent 0
+    assert sel["visual_population_random"] == pytest.approx(0.0)  # the only other candidate is "blue"
+    assert sel["textual_population_auroc"] == pytest.approx(1.0) and sel["textual_population_positives"] == 10
+    assert rand_lat["textual_population_auroc"] is None  # latent 1 never fires on text
+    assert rare["textual_population_auroc"] is None and rare["textual_population_positives"] is None
+
+
+def _scored(v, t, vp, vn, tp, tn):
+    return pl.DataFrame({"visual_score": [v], "textual_score": [t], "concepts_agree": [False],
+                         "visual_population_auroc": [vp], "visual_population_positives": [vn],
+                         "textual_population_auroc": [tp], "textual_population_positives": [tn]},
+                        schema={"visual_score": pl.Float64, "textual_score": pl.Float64, "concepts_agree": pl.Boolean,
+                                "visual_population_auroc": pl.Float64, "visual_population_positives": pl.Int64,
+                                "textual_population_auroc": pl.Float64, "textual_population_positives": pl.Int64})
+
+
+@pytest.mark.parametrize("vp,vn,tp,tn,label", [
+    (0.9, 50, 0.9, 50, "mixed"),  # both pass
+    (0.7, 50, 0.9, 50, "textual"),  # the visual concept does not detect the latent's images
+    (0.9, 5, 0.9, 50, "textual"),  # too few firing images to trust the detection
+    (None, None, 0.95, 20, "textual"),  # no detection (no concept, or never fires): not aligned
+    (0.9, 50, 0.5, 50, "visual"),
+])
+def test_population_gate(vp, vn, tp, tn, label):
+    frame = _scored(0.99, 0.99, vp, vn, tp, tn)
+    gate = PopulationGate(visual=0.8, textual=0.8, min_positives=20)
+    assert classify_frame(frame, 0.9, 0.9, gate).to_list() == [label]
+    # threshold 0 turns a gate off (and no gate at all is the contrast rule alone)
+    assert classify_frame(frame, 0.9, 0.9, PopulationGate(0.0, 0.0, 20)).to_list() == ["mixed"]
+    assert classify_frame(frame, 0.9, 0.9).to_list() == ["mixed"]
+
+
+def test_gate_settings_only_relabel():
+    assert {"visual_population_threshold", "textual_population_threshold", "population_min_positives"} <= LABEL_FIELDS
+    s = ScoresConfig(visual_population_threshold=0.8, textual_population_threshold=0.8, population_min_positives=20)
+    frame = _scored(0.99, 0.2, 0.85, 30, None, None).drop("concepts_agree").with_columns(
+        pl.lit("red").alias("visual_concept"), pl.lit(None, pl.Utf8).alias("textual_concept"),
+        pl.lit(None, pl.Float64).alias("concept_cosine"))
+    assert label_frame(frame, s)["modality"].to_list() == ["visual"]
+    assert label_frame(frame, s.model_copy(update={"population_min_positives": 40}))["modality"].to_list() == ["none"]
+
+
+def test_detection_counts_positives():
+    auc, n = detection(np.array([0.9, 0.1, 0.8, 0.2]), np.array([0, 2]))
+    assert (auc, n) == (1.0, 2)
+
+
+def test_readings_of_an_answer():
+    from msae.score.population import readings
+
+    assert readings("Small Orange Cross", ["small", "orange cross"], "visual") == [
+        "small orange cross", "small", "orange cross", "small orange", "orange", "cross"]
+    assert readings("the red one", None, "visual") == ["the red one", "red", "red one", "one"]
+    assert readings("the", None, "textual") == ["the"]  # function words stay nameable textually
+    assert readings(None, ["red"], "visual") == []  # no answer, no candidate
+
+
+def test_choose_reading_prefers_the_simplest_close_to_the_best():
+    from msae.score.population import choose_reading
+
+    opts = ["small red circle", "red", "red circle"]
+    assert choose_reading(opts, [0.90, 0.89, 0.95], tolerance=0.02) == "red circle"
+    assert choose_reading(opts, [0.90, 0.94, 0.95], tolerance=0.02) == "red"
+    assert choose_reading(opts, [0.90, 0.94, 0.95], tolerance=0.0) == "red circle"
+    assert choose_reading(opts, [float("nan")] * 3, tolerance=0.02) == "small red circle"  # nothing to judge by
+
+
+def test_select_by_detection_keeps_the_explainers_concept_beside_the_choice():
+    from msae.score.population import select_by_detection
+
+    pop, img, wemb, base = _world()
+    proposals = pl.DataFrame({"latent": [0], "prompting": ["masked"], "visual_concept": ["blue red"],
+                              "textual_concept": ["red"], "visual_candidates": [["blue"]],
+                              "textual_candidates": [[]]})
+    concept = {"blue red": (base["red"] + base["blue"]) / np.sqrt(2), "blue": base["blue"], "red": base["red"]}
+    out = select_by_detection(proposals, pop, img, wemb, concept, concept, 0.5, 0.02)
+    row = out.row(0, named=True)
+    assert row["visual_concept"] == "red" and row["visual_concept_proposed"] == "blue red"
+    assert row["textual_concept"] == "red" and row["textual_concept_proposed"] == "red"
