@@ -17,9 +17,11 @@ demo``) on the calibration world into its own store, then chooses, in this order
    that textual scoring embeds; :data:`TEXT_WINDOWS`), the contrast thresholds
    ``scores.visual_threshold`` / ``scores.textual_threshold`` and the population gate
    (``scores.visual_population_threshold`` / ``textual_population_threshold`` /
+   ``textual_coverage_threshold`` /
    ``population_min_positives``, :mod:`msae.score.population`) on grids: the combination with the
-   highest macro-F1 of the pipeline's labels against ground truth, pooled over every layer × width
-   (ties: the earlier window, then :func:`choose_thresholds`). Each window rescores the calibration
+   highest macro-F1 of the pipeline's labels against ground truth, pooled over every layer × width,
+   over the classes with at least :data:`MIN_CLASS_SUPPORT` ground-truth latents (ties: the
+   earlier window, then :func:`choose_thresholds`). Each window rescores the calibration
    run's proposals; nothing is explained again.
 
 Between the two, **concept selection** (``scores.select_by_detection``, ``selection_tolerance``;
@@ -57,12 +59,17 @@ EVIDENCE_CANDIDATES: tuple[tuple[str, float], ...] = (
 THRESHOLD_GRID: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 POPULATION_GRID: tuple[float, ...] = (0.0, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 """Population-gate thresholds swept (``scores.*_population_threshold``; 0: no gate)."""
+MIN_CLASS_SUPPORT = 10
+"""Ground-truth classes with fewer latents (pooled) are left out of the calibration objective: a
+class of one latent is 1/k of a macro-F1 over k classes, and chasing it moves every threshold
+(the calibration world has one ground-truth multimodal latent)."""
 SELECTION_TOLERANCES: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
 """``scores.selection_tolerance`` values tried (with selection off as the first candidate)."""
 MIN_POSITIVES_GRID: tuple[int, ...] = (5, 10, 20, 40)
 """``scores.population_min_positives`` values swept."""
 LABEL_RULE_KEYS: tuple[str, ...] = ("visual_threshold", "textual_threshold", "visual_population_threshold",
-                                    "textual_population_threshold", "population_min_positives")
+                                    "textual_population_threshold", "textual_coverage_threshold",
+                                    "population_min_positives")
 """The ``scores`` fields the sweep chooses (contrast thresholds first)."""
 TEXT_WINDOWS: tuple[int, ...] = (5, 2, 1)
 
@@ -134,6 +141,15 @@ def _macro_f1(y: np.ndarray, p: np.ndarray, n_classes: int, present: np.ndarray)
     return float(f1[present].mean())
 
 
+def _gate_grid(gated: bool) -> list[tuple[float, float, float, int]]:
+    """(visual, textual, textual coverage, min positives) of the population gate to sweep; the
+    minimum is swept only where some route is on."""
+    if not gated:
+        return [(0.0, 0.0, 0.0, MIN_POSITIVES_GRID[0])]
+    return [(vg, tg, tc, mp) for vg in POPULATION_GRID for tg in POPULATION_GRID for tc in POPULATION_GRID
+            for mp in (MIN_POSITIVES_GRID if (vg > 0 or tg > 0 or tc > 0) else MIN_POSITIVES_GRID[:1])]
+
+
 def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str = "masked") -> list[dict]:
     """Pooled macro-F1 of the labels against ground truth for every setting of the label rule on the
     grids: both contrast thresholds, both population-gate thresholds (0: no gate) and the gate's
@@ -153,27 +169,28 @@ def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str =
         return j[name].cast(pl.Float64).fill_null(fill).to_numpy() if name in j.columns else np.full(j.height, fill)
 
     y = _encode(j["gt_modality"].to_list(), classes)
-    present = np.unique(y)
+    counts = np.bincount(y, minlength=len(classes))
+    present = np.flatnonzero(counts >= MIN_CLASS_SUPPORT)
+    if not len(present):  # a tiny world: every class present counts
+        present = np.flatnonzero(counts > 0)
     vs, ts = col("visual_score", -np.inf), col("textual_score", -np.inf)
     agree = j["concepts_agree"].fill_null(False).to_numpy() if "concepts_agree" in j.columns else np.zeros(j.height, bool)
     vp, tp = col("visual_population_auroc", -np.inf), col("textual_population_auroc", -np.inf)
     vn, tn = col("visual_population_positives", 0), col("textual_population_positives", 0)
+    tc, tm = col("textual_population_coverage", -np.inf), col("textual_population_matches", 0)
     code = {c: classes.index(c) for c in LABELS}
     rows = []
     for vt in THRESHOLD_GRID:
         for tt in THRESHOLD_GRID:
-            for vg in POPULATION_GRID if gated else (0.0,):
-                for tg in POPULATION_GRID if gated else (0.0,):
-                    for mp in MIN_POSITIVES_GRID if gated and (vg > 0 or tg > 0) else (MIN_POSITIVES_GRID[0],):
-                        v = (vs >= vt) & ((vp >= vg) & (vn >= mp) if vg > 0 else True)
-                        t = (ts >= tt) & ((tp >= tg) & (tn >= mp) if tg > 0 else True)
-                        pred = np.where(v & t & agree, code["multimodal"], np.where(
-                            v & t, code["mixed"], np.where(v, code["visual"], np.where(t, code["textual"],
-                                                                                      code["none"]))))
-                        rows.append({"visual_threshold": vt, "textual_threshold": tt,
-                                     "visual_population_threshold": vg, "textual_population_threshold": tg,
-                                     "population_min_positives": mp,
-                                     "macro_f1": _macro_f1(y, pred, len(classes), present)})
+            for vg, tg, tcov, mp in _gate_grid(gated):
+                v = (vs >= vt) & ((vp >= vg) & (vn >= mp) if vg > 0 else True)
+                t_gate = ((tp >= tg) & (tn >= mp) if tg > 0 else False) | ((tc >= tcov) & (tm >= mp) if tcov > 0 else False)
+                t = (ts >= tt) & (t_gate if (tg > 0 or tcov > 0) else True)
+                pred = np.where(v & t & agree, code["multimodal"], np.where(
+                    v & t, code["mixed"], np.where(v, code["visual"], np.where(t, code["textual"], code["none"]))))
+                rows.append({"visual_threshold": vt, "textual_threshold": tt, "visual_population_threshold": vg,
+                             "textual_population_threshold": tg, "textual_coverage_threshold": tcov,
+                             "population_min_positives": mp, "macro_f1": _macro_f1(y, pred, len(classes), present)})
     return rows
 
 
@@ -185,7 +202,8 @@ def choose_thresholds(sweep: list[dict]) -> dict:
     tied = [r for r in sweep if r["macro_f1"] >= best - 1e-12]
     return min(tied, key=lambda r: (abs(r["visual_threshold"] - centre) + abs(r["textual_threshold"] - centre),
                                     r["visual_threshold"], r["textual_threshold"],
-                                    r.get("visual_population_threshold", 0) + r.get("textual_population_threshold", 0),
+                                    r.get("visual_population_threshold", 0) + r.get("textual_population_threshold", 0)
+                                    + r.get("textual_coverage_threshold", 0),
                                     r.get("population_min_positives", 0)))
 
 

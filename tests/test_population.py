@@ -71,6 +71,8 @@ def test_population_scores_separate_a_selective_concept_from_a_common_one():
     assert wrong["visual_population_auroc"] == pytest.approx(0.0)  # "blue" anti-predicts latent 0
     assert sel["visual_population_random"] == pytest.approx(0.0)  # the only other candidate is "blue"
     assert sel["textual_population_auroc"] == pytest.approx(1.0) and sel["textual_population_positives"] == 10
+    assert sel["textual_population_coverage"] == pytest.approx(1.0) and sel["textual_population_matches"] == 10
+    assert rows[(1, "masked")]["textual_population_coverage"] == pytest.approx(0.5)  # never fires on text: ties
     assert rand_lat["textual_population_auroc"] is None  # latent 1 never fires on text
     assert rare["textual_population_auroc"] is None and rare["textual_population_positives"] is None
 
@@ -147,3 +149,29 @@ def test_select_by_detection_keeps_the_explainers_concept_beside_the_choice():
     row = out.row(0, named=True)
     assert row["visual_concept"] == "red" and row["visual_concept_proposed"] == "blue red"
     assert row["textual_concept"] == "red" and row["textual_concept_proposed"] == "red"
+
+
+def test_coverage_finds_a_latent_that_fires_on_every_instance_of_a_word_but_hardest_elsewhere():
+    from msae.score.population import _word_index, coverage
+
+    words = ["one"] * 20 + ["red"] * 2 + ["the"] * 38
+    # latent 0: 1.0 on every "one", 9.0 on the two "red": its strong tokens are never "one"
+    cols = SparseColumns.from_triplets(len(words), 1, np.arange(22), np.zeros(22, int),
+                                       np.array([1.0] * 20 + [9.0] * 2))
+    idx = _word_index(words)
+    auc, n = coverage(cols, 0, idx, "one")
+    assert n == 20 and auc == pytest.approx(20 * 38 / (20 * 40))  # above every "the", below both "red"
+    judge = np.array([1.0 if w == "one" else 0.0 for w in words])
+    assert detection(judge, cols.strong(0, 0.5))[0] == pytest.approx(0.5 * 38 / 58)  # selectivity misses it
+    assert coverage(cols, 0, idx, "red")[0] == pytest.approx(1.0)
+    assert coverage(cols, 0, idx, "blue") == (None, 0)
+
+
+def test_gate_passes_text_through_either_route():
+    frame = _scored(0.99, 0.99, 0.9, 50, 0.5, 50).with_columns(
+        pl.lit(0.97).alias("textual_population_coverage"), pl.lit(30, pl.Int64).alias("textual_population_matches"))
+    by_selectivity = PopulationGate(visual=0.8, textual=0.8, min_positives=20)
+    both = PopulationGate(visual=0.8, textual=0.8, min_positives=20, textual_coverage=0.95)
+    assert classify_frame(frame, 0.9, 0.9, by_selectivity).to_list() == ["visual"]
+    assert classify_frame(frame, 0.9, 0.9, both).to_list() == ["mixed"]
+    assert classify_frame(frame, 0.9, 0.9, PopulationGate(0.8, 0.0, 40, 0.95)).to_list() == ["visual"]  # 30 < 40

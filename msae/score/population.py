@@ -22,8 +22,14 @@ activation over the population, in that modality). The judge is the embedding mo
   difference that sits in the two smallest classes).
 
 The score is the AUROC of the judge's similarity for positives against the rest (ties half), with
-the number of positives beside it: the label rule (:mod:`msae.score.classify`) trusts a detection
-only with at least ``scores.population_min_positives`` of them. The random baseline is the same
+the number of positives beside it — *selectivity*: are the latent's strong items the concept's? Text
+also gets *coverage*, the other direction (``textual_population_coverage``): the AUROC of the
+latent's activation for the tokens whose word *is* the concept (one of its words, for a phrase)
+against every other token, with their number (``textual_population_matches``). A latent that fires
+on every "one", weakly, and hardest on other words has low selectivity but high coverage; the
+ground truth grounds such a latent by its AUROC. Images have no word to match, so no coverage.
+The label rule (:mod:`msae.score.classify`) trusts a detection only with at least
+``scores.population_min_positives`` positives (matches, for coverage). The random baseline is the same
 AUROC for a random *other* candidate concept of the partition: it shows how much of the score is the
 concept and how much the population.
 
@@ -52,8 +58,11 @@ from msae.explain.combine import DEFAULT_STOP_WORDS, content_ngrams
 from msae.score.ground_truth import answer_position_rows, average_ranks
 from msae.score.quality import candidate_concepts, normalise_concept
 
+POPULATION_REVISION = 2
+"""Bump when these scores or the selection compute other values (their cache key holds it)."""
 POPULATION_COLUMNS = ("visual_population_auroc", "visual_population_positives", "visual_population_random",
-                      "textual_population_auroc", "textual_population_positives", "textual_population_random")
+                      "textual_population_auroc", "textual_population_positives", "textual_population_random",
+                      "textual_population_coverage", "textual_population_matches")
 
 
 @dataclass(frozen=True)
@@ -123,6 +132,26 @@ def detection(similarity: np.ndarray, strong_items: np.ndarray) -> tuple[float, 
     return rank_auroc(similarity, positive), int(positive.sum())
 
 
+def _word_index(words: Sequence[str]) -> dict[str, np.ndarray]:
+    """word → the textual items showing it."""
+    arr = np.asarray(words, dtype=object)
+    return {w: np.flatnonzero(arr == w) for w in dict.fromkeys(words)}
+
+
+def coverage(texts: SparseColumns, latent: int, word_ids: dict[str, np.ndarray],
+             concept: str) -> tuple[float | None, int]:
+    """(AUROC of the latent's activation for the tokens showing the concept — the word itself, or
+    any of a phrase's words — against all other tokens, their number); None without both sides."""
+    match = np.zeros(texts.n_items, bool)
+    for w in dict.fromkeys([concept, *concept.split()]):
+        match[word_ids.get(w, np.zeros(0, np.int64))] = True
+    acts = np.zeros(texts.n_items, np.float32)
+    items, values = texts.column(latent)
+    acts[items] = values
+    score = rank_auroc(acts, match)
+    return (None if np.isnan(score) else score), int(match.sum())
+
+
 def population_scores(proposals: pl.DataFrame, population: Population, image_emb: np.ndarray,
                       word_emb: np.ndarray, concept_image: dict[str, np.ndarray],
                       concept_text: dict[str, np.ndarray], strong_fraction: float, seed: int) -> pl.DataFrame:
@@ -135,6 +164,7 @@ def population_scores(proposals: pl.DataFrame, population: Population, image_emb
     """
     v_cands = candidate_concepts(proposals["visual_concept"].to_list())
     t_cands = candidate_concepts(proposals["textual_concept"].to_list())
+    word_ids = _word_index(population.words)
     v_sim = {c: image_emb @ concept_image[c] for c in v_cands} if len(image_emb) else {}
     t_sim = {c: word_emb @ concept_text[c] for c in t_cands} if len(word_emb) else {}
     rows = []
@@ -155,9 +185,12 @@ def population_scores(proposals: pl.DataFrame, population: Population, image_emb
                 values = (None if np.isnan(score) else score, n, None if np.isnan(rand) else rand)
             out |= dict(zip((f"{kind}_population_auroc", f"{kind}_population_positives",
                              f"{kind}_population_random"), values))
+        c = normalise_concept(r["textual_concept"]) if r["textual_concept"] else None
+        out["textual_population_coverage"], out["textual_population_matches"] = (
+            coverage(population.texts, lat, word_ids, c) if c is not None and population.words else (None, None))
         rows.append(out)
     schema = {"latent": proposals.schema["latent"], "prompting": pl.Utf8,
-              **{c: (pl.Int64 if c.endswith("positives") else pl.Float64) for c in POPULATION_COLUMNS}}
+              **{c: (pl.Int64 if c.endswith(("positives", "matches")) else pl.Float64) for c in POPULATION_COLUMNS}}
     return pl.DataFrame(rows, schema=schema)
 
 
@@ -317,5 +350,6 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
                                      s.population_strong_fraction, s.seed)
 
 
-__all__ = ["POPULATION_COLUMNS", "Population", "SparseColumns", "choose_reading", "detection", "load_population",
+__all__ = ["POPULATION_COLUMNS", "Population", "SparseColumns", "choose_reading", "coverage", "detection",
+           "load_population",
            "population_scores", "rank_auroc", "readings", "score_population", "select_by_detection"]
