@@ -174,7 +174,8 @@ def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str =
     if not len(present):  # a tiny world: every class present counts
         present = np.flatnonzero(counts > 0)
     vs, ts = col("visual_score", -np.inf), col("textual_score", -np.inf)
-    agree = j["concepts_agree"].fill_null(False).to_numpy() if "concepts_agree" in j.columns else np.zeros(j.height, bool)
+    agree = (j["concepts_agree"].fill_null(False).to_numpy() if "concepts_agree" in j.columns
+             else np.zeros(j.height, bool))
     vp, tp = col("visual_population_auroc", -np.inf), col("textual_population_auroc", -np.inf)
     vn, tn = col("visual_population_positives", 0), col("textual_population_positives", 0)
     tc, tm = col("textual_population_coverage", -np.inf), col("textual_population_matches", 0)
@@ -184,7 +185,8 @@ def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str =
         for tt in THRESHOLD_GRID:
             for vg, tg, tcov, mp in _gate_grid(gated):
                 v = (vs >= vt) & ((vp >= vg) & (vn >= mp) if vg > 0 else True)
-                t_gate = ((tp >= tg) & (tn >= mp) if tg > 0 else False) | ((tc >= tcov) & (tm >= mp) if tcov > 0 else False)
+                t_gate = (((tp >= tg) & (tn >= mp) if tg > 0 else False)
+                          | ((tc >= tcov) & (tm >= mp) if tcov > 0 else False))
                 t = (ts >= tt) & (t_gate if (tg > 0 or tcov > 0) else True)
                 pred = np.where(v & t & agree, code["multimodal"], np.where(
                     v & t, code["mixed"], np.where(v, code["visual"], np.where(t, code["textual"], code["none"]))))
@@ -229,8 +231,8 @@ def selection_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, int]
 
     image_text, text = load_embedders(cfg)
     mode = cfg.explainer.prompting[0]
-    inputs = [(store.read_parquet(concepts_folder(*k), PROPOSALS), store.read_parquet(concepts_folder(*k), GROUND_TRUTH))
-              for k in keys]
+    inputs = [(store.read_parquet(concepts_folder(*k), PROPOSALS),
+               store.read_parquet(concepts_folder(*k), GROUND_TRUTH)) for k in keys]
     rows = [{"select_by_detection": False, "selection_tolerance": cfg.scores.selection_tolerance,
              **exact_match(inputs, mode)}]
     for tol in SELECTION_TOLERANCES:

@@ -8,7 +8,8 @@ import polars as pl
 import pytest
 import yaml
 
-from msae.calibrate import CALIBRATION_FILE, THRESHOLD_GRID, calibration_config_data, choose_thresholds, threshold_sweep
+from msae.calibrate import (CALIBRATION_FILE, MIN_CLASS_SUPPORT, THRESHOLD_GRID, calibration_config_data,
+                            choose_thresholds, threshold_sweep)
 from msae.config import profile_text
 from msae.score.evidence_quality import evidence_quality, image_concepts, patch_concepts
 
@@ -66,3 +67,37 @@ def test_embedded_profile_carries_the_calibrated_choice():
         section, key = dotted.split(".")
         assert profile[section][key] == value, dotted
     assert json.loads(CALIBRATION_FILE.read_text())["world_seed"] == profile["world_seeds"]["calibration"]
+
+
+def test_sweep_labels_exactly_as_the_label_rule_does():
+    """The sweep labels in numpy for speed; every setting it scores must give the labels (and so the
+    macro-F1) that msae.score.classify gives with the same settings."""
+    import numpy as np
+    from sklearn.metrics import f1_score
+
+    from msae.score.classify import PopulationGate, classify_frame
+
+    rng = np.random.default_rng(0)
+    n = 60
+    concepts = pl.DataFrame({
+        "latent": list(range(n)), "prompting": ["masked"] * n,
+        "visual_score": rng.uniform(0.4, 1, n), "textual_score": rng.uniform(0.4, 1, n),
+        "concepts_agree": rng.random(n) < 0.3,
+        "visual_population_auroc": rng.uniform(0.4, 1, n), "visual_population_positives": rng.integers(0, 60, n),
+        "visual_population_random": rng.uniform(0.4, 0.6, n),
+        "textual_population_auroc": rng.uniform(0.4, 1, n), "textual_population_positives": rng.integers(0, 60, n),
+        "textual_population_random": rng.uniform(0.4, 0.6, n),
+        "textual_population_coverage": rng.uniform(0.4, 1, n), "textual_population_matches": rng.integers(0, 60, n),
+    }).with_columns(pl.when(pl.col("latent") % 7 == 0).then(None).otherwise(pl.col("visual_score"))
+                    .alias("visual_score"))
+    truth = rng.choice(["visual", "textual", "none", "mixed", "multimodal"], size=n).tolist()
+    gt = pl.DataFrame({"latent": list(range(n)), "gt_modality": truth})
+    assert any(truth.count(c) < MIN_CLASS_SUPPORT for c in set(truth))  # so the support rule is exercised
+    sweep = threshold_sweep([(concepts, gt)])
+    for r in [sweep[i] for i in rng.choice(len(sweep), size=40, replace=False)]:
+        gate = PopulationGate(r["visual_population_threshold"], r["textual_population_threshold"],
+                              r["population_min_positives"], r["textual_coverage_threshold"])
+        labels = classify_frame(concepts, r["visual_threshold"], r["textual_threshold"], gate).to_list()
+        counted = sorted(c for c in set(truth) if truth.count(c) >= MIN_CLASS_SUPPORT)  # the objective's classes
+        want = f1_score(truth, labels, labels=counted, average="macro", zero_division=0)
+        assert r["macro_f1"] == pytest.approx(want), r

@@ -287,8 +287,11 @@ def settings(cfg: MsaeConfig) -> dict[str, Any]:
     return {"labels_from": cfg.explainer.prompting[0], "visual_threshold": s.visual_threshold,
             "textual_threshold": s.textual_threshold,
             "population_gate": {"visual": s.visual_population_threshold, "textual": s.textual_population_threshold,
+                                "textual_coverage": s.textual_coverage_threshold,
                                 "min_positives": s.population_min_positives, "samples": s.population_samples,
-                                "strong_fraction": s.population_strong_fraction}, "bootstrap": s.bootstrap, "seed": s.seed, "level": 0.95,
+                                "strong_fraction": s.population_strong_fraction},
+            "concept_selection": {"by_detection": s.select_by_detection, "tolerance": s.selection_tolerance},
+            "bootstrap": s.bootstrap, "seed": s.seed, "level": 0.95,
             "ground_truth": gt, "methods": {k: METHOD_NAMES[k] for k in METHODS},
             "firing_ratio": {"image_specific_above": FIRING_RATIO_IMAGE, "text_specific_below": FIRING_RATIO_TEXT,
                              "mapping": FIRING_RATIO_MAP}}

@@ -17,9 +17,9 @@ activation over the population, in that modality). The judge is the embedding mo
   ``latents.text_include_template``) plus each sample's answer position (the token right before the
   answer, where the VLM computes it; ``ground_truth.answer_position_rows``, from token roles only) —
   score ``cos(concept, the token's word)``; positive when the latent fires strongly on that token.
-  That is the ground truth's text population; on the calibration world it also labelled slightly
-  better than leaving the answer position out (pooled macro-F1 of the chosen rule 0.67 vs 0.56, a
-  difference that sits in the two smallest classes).
+  That is the ground truth's text population; on the calibration world, measured while the gate
+  was built (selectivity only, before coverage), it also labelled better than leaving the answer
+  position out (pooled macro-F1 0.67 vs 0.56, a difference that sat in the two smallest classes).
 
 The score is the AUROC of the judge's similarity for positives against the rest (ties half), with
 the number of positives beside it — *selectivity*: are the latent's strong items the concept's? Text
@@ -111,7 +111,8 @@ class Population:
     """Per visual item (a sample with an image): its image path or URL."""
     texts: SparseColumns
     words: list[str]
-    """Per textual item (an eligible text token): its word, as displayed, stripped, lower-cased."""
+    """Per textual item (an eligible text token or an answer position): its word, as displayed,
+    stripped, lower-cased."""
 
 
 def rank_auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -325,8 +326,11 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
     judge = image_text[0]
     limits = ImageLimits.from_config(cfg.dataset)
     chunk = 256
-    image_emb = np.concatenate([judge.embed_images([load_image_rgb(p, limits=limits) for p in pop.image_refs[i: i + chunk]])
-                                for i in range(0, len(pop.image_refs), chunk)]) if pop.image_refs else np.zeros((0, 1))
+    image_emb = np.zeros((0, 1))
+    if pop.image_refs:
+        image_emb = np.concatenate([judge.embed_images([load_image_rgb(p, limits=limits)
+                                                        for p in pop.image_refs[i: i + chunk]])
+                                    for i in range(0, len(pop.image_refs), chunk)])
     unique_words = list(dict.fromkeys(pop.words))
     word_emb = np.zeros((0, 1))
     if unique_words:

@@ -500,7 +500,8 @@ def population_key(cfg: MsaeConfig, store: Any, layer: int, width: int, files: d
     from msae.score.population import POPULATION_REVISION
 
     return _key({
-        "revision": SCORES_REVISION, "population_revision": POPULATION_REVISION, "scores": cfg.scores.model_dump(mode="json", include=POPULATION_FIELDS | {"seed"}),
+        "revision": SCORES_REVISION, "population_revision": POPULATION_REVISION,
+        "scores": cfg.scores.model_dump(mode="json", include=POPULATION_FIELDS | {"seed"}),
         "embedders": cfg.embedders.model_dump(mode="json", include={"image_text", "text"}),
         "text_include_template": cfg.latents.text_include_template,
         "images": cfg.dataset.model_dump(mode="json", include=IMAGE_FIELDS),
