@@ -17,9 +17,10 @@ STAGE_REVISIONS: dict[str, int] = {
     "activations": 1,
     "sae": 1,
     "latent_stats": 1,
-    "concepts": 2,  # 2: failed explainer requests make a partition incomplete (recomputed, not reused)
-    "concept_scores": 1,
-    "controls": 2,  # 2: likewise for the controls' explainer requests
+    "concepts": 3,  # 2: failed explainer requests make a partition incomplete (recomputed, not reused);
+    # 3: proposals record the answers' candidates
+    "concept_scores": 2,  # 2: population detection, its label gate and concept selection
+    "controls": 3,  # 2: likewise for the controls' explainer requests; 3: candidates and population detection
     "report": 1,
 }
 
