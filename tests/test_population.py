@@ -47,11 +47,12 @@ def _world(n: int = 60, seed: int = 0):
     values = rng.uniform(4, 5, size=len(items))
     cols = SparseColumns.from_triplets(n, 3, items, latents, values)
     words = ["red", "blue", "the"] * 10
-    wemb = np.stack([{"red": base["red"], "blue": base["blue"], "the": np.array([0, 0, 1.0, 0])}[w] for w in words])
     # text: latent 0 fires on the word "red" only
     t_items = np.array([i for i, w in enumerate(words) if w == "red"])
     texts = SparseColumns.from_triplets(len(words), 3, t_items, np.zeros(len(t_items), int), np.full(len(t_items), 3.0))
-    pop = Population(cols, [f"img{i}.png" for i in range(n)], texts, words)
+    pop = Population.with_words(cols, [f"img{i}.png" for i in range(n)], texts, words)
+    assert pop.vocab == ["red", "blue", "the"]
+    wemb = np.stack([{"red": base["red"], "blue": base["blue"], "the": np.array([0, 0, 1.0, 0])}[w] for w in pop.vocab])
     return pop, img, wemb, base
 
 
@@ -152,19 +153,37 @@ def test_select_by_detection_keeps_the_explainers_concept_beside_the_choice():
 
 
 def test_coverage_finds_a_latent_that_fires_on_every_instance_of_a_word_but_hardest_elsewhere():
-    from msae.score.population import _word_index, coverage
+    from msae.score.population import coverage, word_detection
 
     words = ["one"] * 20 + ["red"] * 2 + ["the"] * 38
     # latent 0: 1.0 on every "one", 9.0 on the two "red": its strong tokens are never "one"
     cols = SparseColumns.from_triplets(len(words), 1, np.arange(22), np.zeros(22, int),
                                        np.array([1.0] * 20 + [9.0] * 2))
-    idx = _word_index(words)
-    auc, n = coverage(cols, 0, idx, "one")
+    pop = Population.with_words(cols, [], cols, words)
+    auc, n = coverage(cols, 0, pop.vocab, pop.word_ids, "one")
     assert n == 20 and auc == pytest.approx(20 * 38 / (20 * 40))  # above every "the", below both "red"
-    judge = np.array([1.0 if w == "one" else 0.0 for w in words])
-    assert detection(judge, cols.strong(0, 0.5))[0] == pytest.approx(0.5 * 38 / 58)  # selectivity misses it
-    assert coverage(cols, 0, idx, "red")[0] == pytest.approx(1.0)
-    assert coverage(cols, 0, idx, "blue") == (None, 0)
+    acts = np.zeros(len(words))
+    acts[:22] = [1.0] * 20 + [9.0] * 2
+    assert auc == pytest.approx(rank_auroc(acts, np.array([w == "one" for w in words])))  # the dense reference
+    judge = np.array([1.0 if w == "one" else 0.0 for w in pop.vocab])
+    counts = np.bincount(pop.word_ids).astype(float)
+    strong = cols.strong(0, 0.5)
+    assert word_detection(judge, pop.word_ids, counts, strong)[0] == pytest.approx(0.5 * 38 / 58)  # misses it
+    assert word_detection(judge, pop.word_ids, counts, strong)[0] == pytest.approx(detection(judge[pop.word_ids], strong)[0])
+    assert coverage(cols, 0, pop.vocab, pop.word_ids, "red")[0] == pytest.approx(1.0)
+    assert coverage(cols, 0, pop.vocab, pop.word_ids, "blue") == (None, 0)
+
+
+def test_grouped_auroc_equals_the_itemwise_one():
+    from msae.score.population import grouped_auroc
+
+    rng = np.random.default_rng(1)
+    groups = rng.integers(0, 12, size=500)
+    score_of = rng.integers(0, 6, size=12).astype(float)  # some groups share a score
+    positive = rng.random(500) < 0.3
+    pos = np.bincount(groups[positive], minlength=12).astype(float)
+    neg = np.bincount(groups[~positive], minlength=12).astype(float)
+    assert grouped_auroc(score_of, pos, neg) == pytest.approx(roc_auc_score(positive, score_of[groups]))
 
 
 def test_gate_passes_text_through_either_route():
