@@ -42,6 +42,7 @@ LABEL_COLUMNS = ("concepts_agree", "modality")
 
 def classify(visual_score: float | None, textual_score: float | None, agree: bool, visual_threshold: float,
              textual_threshold: float) -> str:
+    """One latent's label by the contrast thresholds alone (no population gate: :func:`classify_frame`)."""
     v = visual_score is not None and visual_score >= visual_threshold
     t = textual_score is not None and textual_score >= textual_threshold
     if v and t:
