@@ -17,9 +17,8 @@ activation over the population, in that modality). The judge is the embedding mo
   ``latents.text_include_template``) plus each sample's answer position (the token right before the
   answer, where the VLM computes it; ``ground_truth.answer_position_rows``, from token roles only) —
   score ``cos(concept, the token's word)``; positive when the latent fires strongly on that token.
-  That is the ground truth's text population; on the calibration world, measured while the gate
-  was built (selectivity only, before coverage), it also labelled better than leaving the answer
-  position out (pooled macro-F1 0.67 vs 0.56, a difference that sat in the two smallest classes).
+  That is the ground truth's text population, so the gate judges text on the tokens the ground
+  truth does.
 
 The score is the AUROC of the judge's similarity for positives against the rest (ties half), with
 the number of positives beside it — *selectivity*: are the latent's strong items the concept's? Text
