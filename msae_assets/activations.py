@@ -3,8 +3,10 @@
 All configured layers are captured in one forward pass, so materializing any layer partition
 fills every layer's array; the other partitions then find their manifests and return at once.
 
+The model is one of the stage's inputs (:func:`msae.vlm.identity.model_identity`: a local
+folder's content stamp, a hub id with its revision), so weights retrained in place are re-extracted.
 When the config watches for checkpoints, the checkpoint the VLM resource loads for this run (the
-sensor's pinned one, else the newest) is one of the stage's inputs — its version joins the
+sensor's pinned one, else the newest) is that input instead — its version joins the
 fingerprint, so a new checkpoint is never mistaken for the one the stored activations came
 from — and is recorded in the metadata (``checkpoint``, ``checkpoint_version``, …). The batch
 settings are left out of the code version: they change speed and memory, not the activations.
@@ -21,6 +23,7 @@ from msae.manifest import Manifest, current_manifest, fingerprint, reset_if_dama
 from msae.runtime import apply_threads, executor_concurrency
 from msae.store import Store
 from msae.store_lock import stage_lock
+from msae.vlm.identity import model_identity
 from msae_assets.run_health import tag_run_process
 from msae_assets.checkpoints import CHECKPOINT_ASSET
 from msae_assets.partitions import layer_partitions
@@ -61,6 +64,8 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         inputs = {"vqa_samples": upstream_version(store, "vqa_samples")}
         if ckpt is not None:
             inputs[CHECKPOINT_ASSET] = ckpt.version
+        else:  # a model retrained in place keeps its path: its content stamp tells the weights apart
+            inputs["model"] = model_identity(cfg.model.name_or_path, cfg.model.revision)
         fp = fingerprint(version, inputs)
         wanted = [int(k) for k in context.partition_keys]
         done = {layer: current_manifest(store, "activations", fp, str(layer)) for layer in wanted}

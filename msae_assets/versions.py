@@ -14,8 +14,9 @@ from msae.config import config_hash
 # Bump a stage's revision when its code changes what it writes.
 STAGE_REVISIONS: dict[str, int] = {
     "vqa_samples": 1,
-    "activations": 1,
-    "sae": 1,
+    "activations": 2,  # 2: the model's content stamp is an input (a model retrained in place re-extracts)
+    "sae": 2,  # 2: a training checkpoint resumes only on the same activations' data version (an SAE
+    # trained under r1 may have resumed another model's checkpoint of the same shape)
     "latent_stats": 1,
     "concepts": 3,  # 2: failed explainer requests make a partition incomplete (recomputed, not reused);
     # 3: proposals record the answers' candidates

@@ -73,6 +73,38 @@ def test_materialize_then_reuse(tiny_config_data):
         assert _materialize(defs, ["activations"], instance, partition="0") is not None
 
 
+@pytest.mark.slow
+def test_model_retrained_in_place_is_extracted_again(tiny_config_data, tiny_vlm_dir, tmp_path):
+    """A model folder rewritten in place keeps its path: the activations must not be reused. New
+    weights re-extract and get a new data version; a rewritten training report (eval.json) does
+    not re-extract."""
+    import shutil
+
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    folder = tmp_path / "vlm"
+    shutil.copytree(tiny_vlm_dir, folder)
+    data = {**tiny_config_data, "model": {**tiny_config_data["model"], "name_or_path": str(folder)}}
+    store = Store(parse_config(data).store)
+    with dg.instance_for_test() as instance:
+        _materialize(build_definitions(parse_config(data)), ["vqa_samples"], instance)
+        first = _meta(_materialize(build_definitions(parse_config(data)), ["activations"], instance, "0"),
+                      "activations")
+        version = load_manifest(store, "activations", "0").data_version
+        (folder / "eval.json").write_text('{"note": "a training report"}')
+        assert _meta(_materialize(build_definitions(parse_config(data)), ["activations"], instance, "0"),
+                     "activations")["reused"] is True
+        model = LlavaNextForConditionalGeneration.from_pretrained(folder)
+        with torch.no_grad():
+            model.get_input_embeddings().weight.mul_(1.5)
+        model.save_pretrained(folder)
+        again = _meta(_materialize(build_definitions(parse_config(data)), ["activations"], instance, "0"),
+                      "activations")
+        assert first["reused"] is False and again["reused"] is False
+        assert load_manifest(store, "activations", "0").data_version != version
+
+
 def test_code_versions_isolate_stages(tiny_config_data):
     base = _assets(build_definitions(parse_config(tiny_config_data)))
     changed_extraction = {**tiny_config_data, "extraction": {"chunk_samples": 2}}

@@ -97,6 +97,15 @@ def test_resume_after_a_kill_ends_at_the_same_weights(planted, tmp_path, monkeyp
     again = train_sae(arr, data.tokens, cfg, 64, checkpoint_dir=str(tmp_path / "ckpt"), progress=False)
     assert again.resumed_from_step == 12
     assert torch.equal(again.model.W_dec, full.model.W_dec)
+    # nor does other data of the same shape (activations re-extracted from retrained weights)
+    with pytest.warns(UserWarning, match="ignoring checkpoint"):
+        fresh = train_sae(arr, data.tokens, cfg, 64, checkpoint_dir=str(tmp_path / "ckpt-data"), progress=False,
+                          data_version="v1", max_steps=4)
+        assert train_sae(arr, data.tokens, cfg, 64, checkpoint_dir=str(tmp_path / "ckpt-data"), progress=False,
+                         data_version="v1").resumed_from_step == 4
+        moved = train_sae(arr, data.tokens, cfg, 64, checkpoint_dir=str(tmp_path / "ckpt-data"), progress=False,
+                          data_version="v2", max_steps=1)
+    assert fresh.resumed_from_step == 0 and moved.resumed_from_step == 0
     # another config does not resume from it
     with pytest.warns(UserWarning, match="ignoring checkpoint"):
         other = train_sae(arr, data.tokens, cfg.model_copy(update={"k": 5}), 64,

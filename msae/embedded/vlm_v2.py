@@ -12,11 +12,18 @@ Starts from the v1 model (``msae.embedded.vlm_train``: stages a–d2) and contin
 * **Colour alignment** (LLaVA stage-1 style, but for one attribute only): for every object patch
   of the base view, the projector's output is pulled toward its colour word's input embedding by
   a cross-entropy over the cosines with the 8 colour words' embeddings. Shapes and sizes are
-  deliberately *not* aligned. The residual stream then holds, by construction, a shared
-  image/text direction per colour (multimodal concepts) and image-only shape/size directions
-  (visual concepts); ``msae.embedded.probe`` checks this from activations and annotations only.
+  deliberately *not* aligned.
+* **Residual alignment** (``--residual-weight``, :func:`residual_alignment`) at the decoder
+  layers msae captures: the projector alignment alone does not survive layer 0, which writes far
+  more than the word embedding's norm into every text token, so each colour word's residual is
+  pulled onto the direction of that colour's patches there. The residual stream then holds, by
+  construction, a shared image/text direction per colour (multimodal concepts) and image-only
+  shape/size directions (visual concepts); ``msae.embedded.probe`` checks this from activations
+  and annotations only.
 
-``python -m msae.embedded.vlm_v2 --init-from data/shapes-llava --out data/shapes-llava --minutes 40``
+The committed model (``docs/shapes_vlm.md``): a v2 run from v1, then
+``python -m msae.embedded.vlm_v2 --init-from <that model> --out data/shapes-llava --minutes 40 --lr 5e-4
+--residual-weight 1.0 --threads 1``.
 """
 
 from __future__ import annotations
@@ -157,13 +164,71 @@ def color_word_ids(tok) -> torch.Tensor:
     return torch.tensor(tok.convert_tokens_to_ids(list(COLORS)))
 
 
+def residual_alignment(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_token: int,
+                       patch_color: torch.Tensor, color_ids: torch.Tensor, temperature: float = 10.0,
+                       margin: float = 0.3) -> tuple[torch.Tensor, dict[str, float]]:
+    """Pull colour *words* onto the colour *patches'* direction in one decoder layer's residual.
+
+    Why: the projector alignment makes a red patch's input embedding point along the word "red"'s
+    (cosine ~0.9 after centring), but layer 0 writes ~100x the embedding's norm into every text
+    token, so from layer 1 on the word's residual no longer shares the patches' direction and a
+    TopK SAE gives the two modalities separate latents. Here, per colour, the prototype is the mean
+    base-view object-patch residual of that colour minus the mean of all base-view patches (detached:
+    images define the direction, words move to it). Each text token, centred on the batch's text
+    mean, is classified by ``temperature`` x its cosine with the prototypes against a fixed "no
+    colour" logit at ``temperature`` x ``margin``: colour words must point along their colour's
+    prototype, every other text token away from all of them (so "red" is *selectively* red).
+
+    hidden [B, S, d] (the layer's output), ids / mask [B, S] with every image feature as one
+    ``image_token``, patch_color [B, G*G] (colour index or -100 per base-view patch; the base view's
+    features come first among a sample's image tokens).
+    """
+    b, _, d = hidden.shape
+    n_base = patch_color.shape[1]
+    img = ids == image_token
+    base = img & (img.cumsum(1) <= n_base)
+    h_img = hidden[base].view(b, n_base, d)
+    obj = patch_color >= 0
+    centred = (h_img[obj] - h_img.reshape(-1, d).mean(0)).detach()
+    colour = patch_color[obj]
+    k = len(color_ids)
+    sums = torch.zeros(k, d, dtype=hidden.dtype).index_add_(0, colour, centred)
+    counts = torch.bincount(colour, minlength=k)
+    present = counts > 0
+    protos = F.normalize(sums / counts.clamp(min=1)[:, None], dim=-1)
+    text = mask.bool() & ~img
+    h_txt = hidden[text]
+    word = ids[text]
+    target = torch.full_like(word, k)  # k = "no colour"
+    for c, wid in enumerate(color_ids.tolist()):
+        target[word == wid] = c
+    target[(target < k) & ~present[target.clamp(max=k - 1)]] = -100  # a colour with no patch in the batch
+    cos = F.normalize(h_txt - h_txt.mean(0), dim=-1) @ protos.T
+    cos = cos.masked_fill(~present[None, :], -1.0)
+    logits = temperature * torch.cat([cos, torch.full_like(cos[:, :1], margin)], dim=1)
+    is_col = (target >= 0) & (target < k)
+    is_other = target == k
+    loss = torch.zeros((), dtype=hidden.dtype)
+    stats: dict[str, float] = {}
+    if is_col.any():
+        loss = loss + F.cross_entropy(logits[is_col], target[is_col])
+        stats["word_cos"] = float(cos[is_col].gather(1, target[is_col, None]).mean().detach())
+        stats["word_acc"] = float((logits[is_col].argmax(-1) == target[is_col]).float().mean())
+    if is_other.any():
+        loss = loss + F.cross_entropy(logits[is_other], target[is_other])
+        stats["other_cos"] = float(cos[is_other].max(-1).values.mean().detach())
+    return loss, stats
+
+
 def v2_loss(model, data: V2Data, idx: torch.Tensor, mean, std, color_ids: torch.Tensor,
             align_weight: float, align_temperature: float = 10.0,
-            subspace_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Answer cross-entropy (every answer token and EOS) + colour alignment of projected patches:
-    a cross-entropy over the cosines with the colour words' embeddings and, with
-    ``subspace_weight``, a pull of the patch's component *in the span of the colour embeddings*
-    onto its colour word's embedding (same direction and length as the word's own)."""
+            residual_weight: float = 0.0, residual_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[str, float]]:
+    """Answer cross-entropy (every answer token and EOS) + colour alignment of projected patches
+    (a cross-entropy over the cosines with the colour words' embeddings) and, with
+    ``residual_weight``, :func:`residual_alignment` at the output of each of ``residual_layers``
+    (the decoder layers msae captures)."""
+    from msae.extract.hooks import find_decoder_layers
+
     ids, mask, tlen = data.q_ids[idx], data.q_mask[idx], data.q_target_len[idx]
     keep = mask.any(0).nonzero()[0, 0]
     ids, mask = ids[:, keep:], mask[:, keep:]
@@ -171,12 +236,19 @@ def v2_loss(model, data: V2Data, idx: torch.Tensor, mean, std, color_ids: torch.
     pv = pixel_values(data.pixels[data.q_image[idx]], mean, std)
     b, h, w = pv.shape[0], pv.shape[-2], pv.shape[-1]
     captured: list[torch.Tensor] = []
-    handle = model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.append(o))
+    residual: dict[int, torch.Tensor] = {}
+    handles = [model.model.multi_modal_projector.register_forward_hook(lambda m, i, o: captured.append(o))]
+    if residual_weight > 0:
+        layers = find_decoder_layers(model)
+        for layer in residual_layers:
+            handles.append(layers[layer].register_forward_hook(
+                lambda m, i, o, layer=layer: residual.__setitem__(layer, o[0] if isinstance(o, tuple) else o)))
     try:
         out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), pixel_values=pv,
                     image_sizes=torch.tensor([[h, w]] * b), logits_to_keep=t_max + 1)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     logits = out.logits[:, :-1]  # position j predicts token L - t_max + j
     targets = ids[:, -t_max:]
     valid = torch.arange(t_max)[None, :] >= (t_max - tlen)[:, None]
@@ -185,25 +257,24 @@ def v2_loss(model, data: V2Data, idx: torch.Tensor, mean, std, color_ids: torch.
     right = ((logits.argmax(-1) == targets) | ~valid).all(1)
     stats = {"ce": float(ce.detach()), "acc": float(right.float().mean())}
     loss = ce
+    patch_color = data.patch_color[data.q_image[idx]]
     if align_weight > 0 and captured:
         proj = captured[0]  # [B * views, G*G, d]: views of one image are consecutive
         proj = proj.view(b, -1, *proj.shape[1:])[:, 0]  # the base view
-        target = data.patch_color[data.q_image[idx]]
-        sel = target >= 0
+        sel = patch_color >= 0
         if sel.any():
             emb = model.get_input_embeddings().weight[color_ids]
             cos = F.normalize(proj[sel], dim=-1) @ F.normalize(emb, dim=-1).T
-            align = F.cross_entropy(align_temperature * cos, target[sel])
+            align = F.cross_entropy(align_temperature * cos, patch_color[sel])
             loss = loss + align_weight * align
             stats["align"] = float(align.detach())
-            stats["align_acc"] = float((cos.argmax(-1) == target[sel]).float().mean())
-            if subspace_weight > 0:
-                coef = torch.linalg.lstsq(emb.T, proj[sel].T).solution.T  # [n, 8]: p's coordinates in span(E)
-                in_span = coef @ emb
-                want = emb[target[sel]]
-                sub = ((in_span - want) ** 2).sum(-1).mean() / (want ** 2).sum(-1).mean()
-                loss = loss + subspace_weight * sub
-                stats["subspace"] = float(sub.detach())
+            stats["align_acc"] = float((cos.argmax(-1) == patch_color[sel]).float().mean())
+    for layer, hidden in residual.items():
+        r_loss, r_stats = residual_alignment(hidden, ids, mask, model.config.image_token_index, patch_color,
+                                             color_ids)
+        loss = loss + residual_weight * r_loss
+        stats[f"res{layer}"] = float(r_loss.detach())
+        stats.update({f"{k}{layer}": v for k, v in r_stats.items()})
     return loss, stats
 
 
@@ -280,11 +351,21 @@ def _draw(data: V2Data, weights: dict[str, float], batch_size: int, gen: torch.G
     return torch.cat(out)
 
 
+def lineage(previous: dict) -> dict:
+    """What ``eval.json`` keeps of the model a v2 run continued: the v1 record, and, when that model
+    was itself a v2 run, its held-out results and recipe under ``previous_v2`` (a chain of them)."""
+    if previous.get("format") != "msae-shapes-llava/2":
+        return {"v1": {k: previous[k] for k in ("held_out", "steps", "train_seconds") if k in previous}}
+    record = {k: previous[k] for k in ("held_out", "v2", "train_seconds", "previous_v2") if k in previous}
+    record["v2"] = {k: v for k, v in record.get("v2", {}).items() if k != "history"}
+    return {"v1": previous.get("v1", {}), "previous_v2": record}
+
+
 def train_v2(init_from: str | Path, out: str | Path, minutes: float, lr: float = 1e-3, batch_size: int = 32,
              seed: int = TRAIN_SEED, train_images: int = 20000, questions_per_image: int = 3,
              align_weight: float = 1.0, eval_images: int = 500, threads: int = 2,
              weights: dict[str, float] | None = None, monitor_every: int = 600,
-             subspace_weight: float = 0.0) -> dict:
+             residual_weight: float = 0.0, residual_layers: tuple[int, ...] = (1, 3)) -> dict:
     """Continue ``init_from`` (v1) on world v2 for ``minutes`` and save the v2 model into ``out``."""
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
@@ -327,7 +408,8 @@ def train_v2(init_from: str | Path, out: str | Path, minutes: float, lr: float =
     while time.time() - t0 < budget:
         sched.set(step)
         idx = _draw(data, weights, batch_size, gen)
-        loss, stats = v2_loss(model, data, idx, mean, std, color_ids, align_weight, subspace_weight=subspace_weight)
+        loss, stats = v2_loss(model, data, idx, mean, std, color_ids, align_weight,
+                              residual_weight=residual_weight, residual_layers=residual_layers)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -338,7 +420,8 @@ def train_v2(init_from: str | Path, out: str | Path, minutes: float, lr: float =
         if step % 100 == 0:
             last = log[-100:]
             tqdm.write(f"[v2] step {step} " + " ".join(
-                f"{k}={np.mean([s[k] for s in last if k in s]):.3f}" for k in ("ce", "acc", "align", "align_acc", "subspace")
+                f"{k}={np.mean([s[k] for s in last if k in s]):.3f}" for k in ("ce", "acc", "align_acc", *(f"{m}{layer}" for layer in residual_layers
+                                                    for m in ("res", "word_cos", "word_acc", "other_cos")))
                 if any(k in s for s in last))
                 + f" t={time.time() - t0:.0f}s")  # fmt: skip
         if monitor_every and step % monitor_every == 0:
@@ -364,13 +447,14 @@ def train_v2(init_from: str | Path, out: str | Path, minutes: float, lr: float =
         "eval_world": eval_cfg.model_dump(mode="json"),
         "train_world": world.model_dump(mode="json"),
         "v2": {"init_from": str(init_from), "lr": lr, "batch_size": batch_size, "weights": weights,
-               "align_weight": align_weight, "subspace_weight": subspace_weight, "steps": step, "seconds": round(seconds, 1), "history": history,
+               "align_weight": align_weight, "residual_weight": residual_weight,
+               "residual_layers": list(residual_layers), "steps": step, "seconds": round(seconds, 1), "history": history,
                "final": {k: float(np.mean([s[k] for s in log[-200:] if k in s])) for k in log[-1]}},
         "train_seconds": round(previous["train_seconds"] + seconds, 1),
         "geometry": geometry_dict(g),
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),
-        "v1": {k: previous[k] for k in ("held_out", "steps", "train_seconds") if k in previous},
+        **lineage(previous),
     }
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(result, indent=2), flush=True)
@@ -386,14 +470,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=TRAIN_SEED)
     ap.add_argument("--train-images", type=int, default=20000)
     ap.add_argument("--align-weight", type=float, default=1.0)
-    ap.add_argument("--subspace-weight", type=float, default=0.0,
-                    help="pull of the patches' colour-subspace component onto the colour word's embedding")
+    ap.add_argument("--residual-weight", type=float, default=0.0,
+                    help="weight of the colour words' pull onto the colour patches' residual direction")
+    ap.add_argument("--residual-layers", type=int, nargs="+", default=[1, 3],
+                    help="decoder layers whose output is aligned (msae's captured layers)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=500)
     args = ap.parse_args(argv)
     train_v2(args.init_from, args.out, args.minutes, lr=args.lr, seed=args.seed, train_images=args.train_images,
              align_weight=args.align_weight, threads=args.threads, eval_images=args.eval_images,
-             subspace_weight=args.subspace_weight)
+             residual_weight=args.residual_weight, residual_layers=tuple(args.residual_layers))
     return 0
 
 

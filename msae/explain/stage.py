@@ -68,7 +68,7 @@ def explainer_fingerprint(cfg: ExplainerConfig, model: ModelConfig | None = None
            "templates": {"/".join(k): t.version for k, t in sorted(templates.items())}}
     if cfg.backend == "transformers":
         from msae.explain.combine import RULE_VERSION
-        from msae.explain.transformers_backend import model_identity
+        from msae.vlm.identity import model_identity
 
         out["combine_rule"] = RULE_VERSION
         m = explainer_model(cfg, model)

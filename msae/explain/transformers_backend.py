@@ -37,43 +37,13 @@ from msae.explain.base import ConceptKind, ExplainAnswer, ExplainRequest, Prompt
 from msae.explain.cache import ExplanationCache, split_cached
 from msae.explain.combine import Combined, CombineRule
 from msae.explain.parse import is_no_concept, parse_concept
+from msae.vlm.identity import model_identity
 from msae.explain.prompts import build_parts, load_templates
 
 log = logging.getLogger(__name__)
 
 PER_IMAGE_VERSION = 1
 """Bump when the per-image prompting code changes what the VLM sees or how answers are decoded."""
-
-_FULL_HASH_BYTES = 64 << 20
-_PROBE_BYTES = 1 << 20
-
-
-def _file_digest(path: Path) -> str:
-    """sha256 of a file; for files over 64 MiB of its size, first and last MiB (weights change there too)."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        if size <= _FULL_HASH_BYTES:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        else:
-            h.update(f.read(_PROBE_BYTES))
-            f.seek(size - _PROBE_BYTES)
-            h.update(f.read(_PROBE_BYTES))
-    return h.hexdigest()
-
-
-def model_identity(ref: str, revision: str | None = None) -> str:
-    """What identifies a model's answers: a local folder's content stamp (every file's name, size and
-    hash), else the hub id with its revision (not resolved to a commit: that needs the network)."""
-    folder = Path(ref).expanduser()
-    if folder.is_dir():
-        h = hashlib.sha256()
-        for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            h.update(f"{path.relative_to(folder).as_posix()}|{path.stat().st_size}|{_file_digest(path)}\n".encode())
-        return f"folder:{h.hexdigest()[:16]}"
-    return f"hub:{ref}@{revision or 'main'}"
-
 
 def combine_rules(cfg: ExplainerConfig) -> dict[ConceptKind, CombineRule]:
     """The per-image combination rule for each kind of concept, from ``explainer.transformers``."""

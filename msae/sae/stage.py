@@ -169,7 +169,11 @@ def fit_sae(
     log, train_meta = pl.DataFrame(), {}
     if scfg.source == "train":
         ckpt = store.path(folder, CHECKPOINTS) if store.is_local else None
-        trained = train_sae(array, tokens, scfg, width, ckpt, device, progress=progress)
+        from msae.manifest import load_manifest
+
+        extracted = load_manifest(store, "activations", str(layer))  # None: extracted outside the pipeline
+        trained = train_sae(array, tokens, scfg, width, ckpt, device, progress=progress,
+                            data_version=extracted.data_version if extracted is not None else None)
         sae, log, train_meta = trained.model, trained.log, trained.metadata()
         train_meta["resumed_from_step"] = trained.resumed_from_step
         train_meta["lr"] = scfg.lr or default_lr(width)

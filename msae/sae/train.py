@@ -107,9 +107,13 @@ _NOT_TRAINING = {"source", "pretrained", "hookpoint_template", "checkpoint_every
                  "loss_samples", "loss_tokens", "check_max_fvu", "check_max_dead_fraction"}
 
 
-def _fingerprint(cfg: SAEConfig, width: int, shape: tuple[int, ...], n_tokens: int) -> str:
+def _fingerprint(cfg: SAEConfig, width: int, shape: tuple[int, ...], n_tokens: int,
+                 data_version: str | None = None) -> str:
     training = cfg.model_dump(mode="json", exclude=_NOT_TRAINING)
-    return config_hash(training, {"width": width, "shape": list(shape), "tokens": n_tokens, "v": CHECKPOINT_VERSION})
+    data = {"width": width, "shape": list(shape), "tokens": n_tokens, "v": CHECKPOINT_VERSION}
+    if data_version is not None:
+        data["data_version"] = data_version
+    return config_hash(training, data)
 
 
 def _latest(ckpt_dir: Path) -> Path | None:
@@ -166,11 +170,15 @@ def train_sae(
     log_every: int | None = None,
     max_steps: int | None = None,
     prefetch: bool = True,
+    data_version: str | None = None,
 ) -> TrainResult:
     """Train a ``cfg.architecture`` SAE with ``width`` latents on rows of ``array`` (zarr or numpy).
 
     ``checkpoint_dir`` (local folder): resume from its latest checkpoint when it was written for
     the same config, width and data; otherwise start afresh (with a warning if one was there).
+    ``data_version``: the activations' identity (their manifest's data version). Without it "the
+    same data" means only the same array shape and token count, so a layer re-extracted from
+    retrained weights would resume the old model's SAE; the pipeline always passes it.
     ``max_steps`` stops early (after a checkpoint) while keeping the schedule of the full budget —
     an interruption on purpose, for tests and time-sliced jobs.
     """
@@ -191,7 +199,7 @@ def train_sae(
     model = SparseCoder(d, width, cfg.k, cfg.architecture, seed=cfg.seed, device=device)
     opt = torch.optim.Adam(model.parameters(), lr=base_lr, fused=True)
     since_fired = torch.zeros(width, dtype=torch.long, device=device)
-    fingerprint = _fingerprint(cfg, width, tuple(array.shape), tokens.height)
+    fingerprint = _fingerprint(cfg, width, tuple(array.shape), tokens.height, data_version)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
     log: list[dict[str, float]] = []
     acc_names = ("loss", "fvu", "auxk", "l0")
