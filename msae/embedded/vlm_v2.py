@@ -49,6 +49,7 @@ from msae.embedded.vlm_train import (
     position_ids_from_mask,
     prompt_text,
 )
+from msae.extract.hooks import find_decoder_layers
 from msae.vlm.build import VLMGeometry, build_processor, build_word_tokenizer, geometry_dict
 from msae.world.config import ALL_QUESTION_KINDS, ShapesConfig
 from msae.world.shapes import COLORS, VOCABULARY, describe_objects, iter_world
@@ -199,9 +200,9 @@ def residual_alignment(hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tens
     text = mask.bool() & ~img
     h_txt = hidden[text]
     word = ids[text]
-    target = torch.full_like(word, k)  # k = "no colour"
-    for c, wid in enumerate(color_ids.tolist()):
-        target[word == wid] = c
+    colour_of_id = torch.full((int(max(int(ids.max()), int(color_ids.max()))) + 1,), k, dtype=torch.long)
+    colour_of_id[color_ids] = torch.arange(k)  # k = "no colour"
+    target = colour_of_id[word]
     target[(target < k) & ~present[target.clamp(max=k - 1)]] = -100  # a colour with no patch in the batch
     cos = F.normalize(h_txt - h_txt.mean(0), dim=-1) @ protos.T
     cos = cos.masked_fill(~present[None, :], -1.0)
@@ -227,8 +228,6 @@ def v2_loss(model, data: V2Data, idx: torch.Tensor, mean, std, color_ids: torch.
     (a cross-entropy over the cosines with the colour words' embeddings) and, with
     ``residual_weight``, :func:`residual_alignment` at the output of each of ``residual_layers``
     (the decoder layers msae captures)."""
-    from msae.extract.hooks import find_decoder_layers
-
     ids, mask, tlen = data.q_ids[idx], data.q_mask[idx], data.q_target_len[idx]
     keep = mask.any(0).nonzero()[0, 0]
     ids, mask = ids[:, keep:], mask[:, keep:]
