@@ -258,7 +258,8 @@ class LatentsConfig(_Section):
         "also fire weakly everywhere, a fraction keeps masks, rankings and IoUs to where the latent really fires.")
     batch_samples: int = Field(64, gt=0, strict=True, description="Samples encoded per step of the streaming pass.")
     text_include_template: bool = Field(
-        False, description="Let chat-template tokens count as a sample's peak text token (they are always shown)."
+        False, description="Let chat-template tokens count as a sample's peak text token (they are always shown; "
+        "each sample's answer position, the template token right before the answer, always counts)."
     )
     cards: int | None = Field(
         None, ge=0, strict=True,

@@ -17,11 +17,13 @@ STAGE_REVISIONS: dict[str, int] = {
     "activations": 2,  # 2: the model's content stamp is an input (a model retrained in place re-extracts)
     "sae": 2,  # 2: a training checkpoint resumes only on the same activations' data version (an SAE
     # trained under r1 may have resumed another model's checkpoint of the same shape)
-    "latent_stats": 1,
-    "concepts": 3,  # 2: failed explainer requests make a partition incomplete (recomputed, not reused);
-    # 3: proposals record the answers' candidates
-    "concept_scores": 2,  # 2: population detection, its label gate and concept selection
-    "controls": 3,  # 2: likewise for the controls' explainer requests; 3: candidates and population detection
+    "latent_stats": 2,  # 2: each sample's answer position is eligible text evidence
+    "concepts": 4,  # 2: failed explainer requests make a partition incomplete (recomputed, not reused);
+    # 3: proposals record the answers' candidates; 4: the answer position is named, one word
+    "concept_scores": 3,  # 2: population detection, its label gate and concept selection; 3: ground truth
+    # without partial patches, answer positions by name
+    "controls": 4,  # 2: likewise for the controls' explainer requests; 3: candidates and population detection;
+    # 4: as concept_scores 3
     "report": 1,
 }
 

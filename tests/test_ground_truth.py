@@ -14,7 +14,7 @@ import torch
 from msae.explain.dissection import AnnotationGrids
 from msae.score.ground_truth import (GroundingRule, ModalityEvidence, answer_position_rows, auroc_matrix,
                                      average_ranks, census_by_auroc, choose_concepts, ground_truth_labels,
-                                     gt_census, label_latents, mask_small_sets, precision_matrix, strong_mask,
+                                     gt_census, label_latents, mask_small_sets, partial_patches, precision_matrix, strong_mask,
                                      text_vocabulary, textual_positives, visual_concept_names, visual_positives)
 
 ANN_SCHEMA = {"image_id": pl.Utf8, "grid_row": pl.Int32, "grid_col": pl.Int32, "object": pl.Int32,
@@ -105,6 +105,9 @@ def test_visual_positives_from_hand_made_grids():
         masks = grids.masks({"a": "img0", "b": "img1", "c": "img0"}[s])
         for n, m in masks.items():
             assert pos[k, names.index(n)] == m[r, c]
+    # the 0.1-coverage cell is background in the masks, but partial: the ground truth leaves it out
+    assert partial_patches(grids, {"a": "img0", "b": "img1", "c": "img0"}, rows).tolist() == [
+        False, True, False, False, False]
     with pytest.raises(ValueError, match="no annotated image"):
         visual_positives(grids, {"a": "img0"}, rows)
     with pytest.raises(ValueError, match="annotation grid"):
@@ -275,7 +278,8 @@ def _cells(size: str) -> list[tuple[int, int, float]]:
 def planted_store(tmp_path):
     """A store with samples, tokens, annotations, float32 activations and a planted 7-latent SAE.
 
-    Activation directions: e0 red patch, e3 blue patch, e9 large red circle patch, e1 the word "red",
+    Activation directions: e0 red patch (0.9 on a small red object's partial patch, the cell it
+    covers by 0.1), e3 blue patch, e9 large red circle patch, e1 the word "red",
     e2 the word "circle", e8 the answer position (the ":" before the answer). Tile patches and the
     other template tokens carry e0–e3, strongly: if they leaked into the populations the AUROCs
     would drop below the threshold. Sample 48's image has no annotation and its patches carry e0:
@@ -300,6 +304,7 @@ def planted_store(tmp_path):
         samples.append({"sample_id": f"s{i}", "image": f"/nowhere/world/images/{image}.png",
                         "question": f"what is the {shape} ?", "answer": color})
         on = {(r, c) for r, c, cov in _cells(size) if cov >= 0.25}
+        partial = {(r, c) for r, c, cov in _cells(size) if cov < 0.25}
         pos = 0
 
         def add(x: np.ndarray, **kw) -> None:
@@ -321,6 +326,8 @@ def planted_store(tmp_path):
                     x[0 if color == "red" or not annotated else 3] = 1.0 + 0.1 * rng.random()
                     if annotated and (color, shape, size) == ("red", "circle", "large"):
                         x[9] = 1.0
+                elif (r, c) in partial and color == "red":  # the object's edge: most of it is background
+                    x[0] = 0.9
                 add(x, modality="image", view="base", r=r, c=c)
         for _ in range(2):
             add(strong, modality="image", view="tile", r=0, c=0)
@@ -382,11 +389,25 @@ def test_ground_truth_labels_on_planted_store(planted_store):
     # 4 large red circles × 4 patches: 16 of the 24 red-circle patches; AUROC misses, precision names the pair
     assert rows[6]["gt_visual_concept"] == "red circle" and rows[6]["gt_visual_rule"] == "precision"
     assert rows[6]["gt_visual_auroc"] < 0.9 and rows[6]["gt_visual_strong"] == 16
-    # 48 images: 8 large red (4 patches) + 16 small red (1 patch; the 0.1-coverage cell is background)
-    assert rows[0]["gt_visual_fires"] == 48
+    # 48 images: 8 large red (4 patches) + 16 small red (1 patch, plus its partial 0.1-coverage cell)
+    assert rows[0]["gt_visual_fires"] == 48 + 16
+    # ... and the partial cells are neither red nor background: out of the precision (else 48 / 64)
+    # and of the AUROC, whose negatives would otherwise hold 16 near-peak background patches
     assert rows[1]["gt_textual_fires"] == 25  # text needs no annotation: sample 48's "red" counts
     assert set(gt.columns) >= {"gt_modality_auroc_0.8", "gt_modality_auroc_0.95"}
     assert gt_census(gt)["0.95"]["none"] >= gt_census(gt)["0.8"]["none"]
     # the minimum number of strong tokens is respected: 16 < 20 → latent 6 is not grounded
     gt20 = ground_truth_labels(planted_store, 1, 7, min_firing=20, census_aurocs=())
     assert gt20["gt_modality"][6] == "none" and gt20["gt_visual_concept"][6] is None
+
+
+def test_population_reads_the_answer_position_by_name(planted_store):
+    """Population detection sees the same text items as the ground truth, the answer position by its name."""
+    from msae.latents.answer_position import ANSWER_POSITION
+    from msae.score.population import load_population
+
+    pop = load_population(planted_store, 1, 7, n_samples=N_SAMPLES + 1, seed=0, include_template=False)
+    assert ANSWER_POSITION in pop.vocab and ":" not in pop.vocab and "assistant" not in pop.vocab
+    strong = pop.texts.strong(5, 0.5)  # latent 5 fires on the answer position only
+    assert len(strong) == N_SAMPLES + 1
+    assert {pop.vocab[i] for i in pop.word_ids[strong]} == {ANSWER_POSITION}

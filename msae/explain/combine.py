@@ -9,7 +9,8 @@ text, so the words are combined, not asked about).
 Rule (:func:`combine_answers`), for the answers ``a_1 … a_n`` of one latent in rank order:
 
 1. **Words.** Each answer is lower-cased and split into words and punctuation runs with
-   ``\\w+|[^\\w\\s]+`` (the split of msae's word-level tokenizer).
+   ``\\w+|[^\\w\\s]+`` (the split of msae's word-level tokenizer); the answer position's name
+   ``<answer position>`` (:mod:`msae.latents.answer_position`) is one word.
 2. **Candidates.** Every contiguous n-gram of ``n = 1 … max_ngram`` (3) words made of content words
    only: a stop word (``explainer.transformers.stop_words`` for visual answers: function words
    such as "a", "and", "of", "the", "is"; ``textual_stop_words`` for peak words, empty by default)
@@ -44,11 +45,14 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-RULE_VERSION = 2
-"""Bump when the rule's code changes (it enters the explainer version, so answers are recomputed).
-2: the qualifying n-grams are recorded as the answer's candidates (the choice is unchanged)."""
+from msae.latents.answer_position import ANSWER_POSITION
 
-_WORDS = re.compile(r"\w+|[^\w\s]+")
+RULE_VERSION = 3
+"""Bump when the rule's code changes (it enters the explainer version, so answers are recomputed).
+2: the qualifying n-grams are recorded as the answer's candidates (the choice is unchanged).
+3: the answer position's name is one word."""
+
+_WORDS = re.compile(re.escape(ANSWER_POSITION) + r"|\w+|[^\w\s]+")
 
 DEFAULT_STOP_WORDS: tuple[str, ...] = (
     "a", "an", "the", "and", "or", "of", "is", "are", "was", "be", "with", "without", "in", "on", "at",

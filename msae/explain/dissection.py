@@ -42,6 +42,9 @@ class AnnotationGrids:
 
     index: dict[str, int]           # image_id -> row
     values: dict[str, np.ndarray]   # attribute -> [n_images, R, C] object strings
+    partial: np.ndarray | None = None
+    """bool [n_images, R, C]: an object covers part of the patch, but less than ``MIN_COVERAGE``
+    (shown as background in ``values``; the ground truth leaves such patches out: see there)."""
 
     @classmethod
     def from_table(cls, annotations: pl.DataFrame) -> "AnnotationGrids":
@@ -58,7 +61,10 @@ class AnnotationGrids:
             grid = np.full((len(ids), rows, cols), "", dtype=object)
             grid[img, r, c] = np.array(ann[a].to_list(), dtype=object)
             values[a] = grid
-        return cls(index, values)
+        partial = np.zeros((len(ids), rows, cols), dtype=bool)
+        partial[img, r, c] = (annotations["object"].is_not_null()
+                              & (annotations["coverage"].fill_null(1.0) < MIN_COVERAGE)).to_numpy()
+        return cls(index, values, partial)
 
     def masks(self, image_id: str) -> dict[str, np.ndarray]:
         """Concept → boolean patch mask for one image (only concepts present in it)."""

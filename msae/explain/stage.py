@@ -123,15 +123,16 @@ def _png(image: Any) -> bytes:
 
 def _text_example(t: Any) -> ExplainExample:
     """A top text with its evidence peak marked (see :func:`build_requests`)."""
-    from msae.latents.render import display_tokens, mark_peak, peak_index
+    from msae.latents.render import mark_peak, peak_index
 
     if not t.pieces:
         return ExplainExample(t.sample_id, None, "", peak_token=None)
     peak = t.peak if 0 <= t.peak < len(t.pieces) else peak_index(t.activations)
     acts = np.zeros(len(t.pieces), dtype=np.float32)
     acts[peak] = 1.0
-    return ExplainExample(t.sample_id, None, mark_peak(t.pieces, acts),
-                          peak_token=display_tokens(t.pieces)[peak].strip())
+    display = t.display()  # the answer position reads as its name (msae.latents.answer_position)
+    return ExplainExample(t.sample_id, None, mark_peak(t.pieces, acts, display=display),
+                          peak_token=display[peak].strip())
 
 
 def build_requests(evidence: dict[int, Any], cfg: ExplainerConfig,

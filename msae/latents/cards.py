@@ -134,7 +134,8 @@ def _text_lines(example: TextExample, rank: int, font: Any) -> tuple[str, list[s
     acts = [0.0] * len(example.pieces)
     if example.peak >= 0:
         acts[example.peak] = 1.0  # mark the evidence's peak (it honours template eligibility)
-    body = mark_peak(example.pieces, acts, window=TEXT_WINDOW) if example.pieces else "(no text tokens)"
+    body = (mark_peak(example.pieces, acts, window=TEXT_WINDOW, display=example.display()) if example.pieces
+            else "(no text tokens)")
     return head, _clip_lines(wrap_text(body, font, CARD_WIDTH - 2 * MARGIN), MAX_TEXT_LINES)
 
 

@@ -57,6 +57,15 @@ class TextExample:
     question: str
     answer: str
     image_path: str
+    answer_index: int = -1
+    """Index into pieces of the sample's answer position (``msae.latents.answer_position``), -1 if none."""
+
+    def display(self) -> list[str]:
+        """Display strings of the pieces, the answer position shown by its name."""
+        from msae.latents.answer_position import display_words
+        from msae.latents.render import display_tokens
+
+        return display_words(display_tokens(self.pieces), np.arange(len(self.pieces)) == self.answer_index)
 
 
 @dataclass(frozen=True)
@@ -100,16 +109,22 @@ def _stats_rows(stats: pl.DataFrame, chosen: Sequence[int]) -> dict[int, dict[st
     return {int(r["latent"]): r for r in stats.filter(pl.col("latent").is_in(list(chosen))).to_dicts()}
 
 
-def _text_tokens(store: Store, sample_indices: list[int]) -> dict[int, tuple[np.ndarray, list[str]]]:
-    """sample_index → (positions, pieces) of its text tokens, in position order."""
+def _text_tokens(store: Store, sample_indices: list[int]) -> dict[int, tuple[np.ndarray, list[str], int]]:
+    """sample_index → (positions, pieces, index of the answer position or -1) of its text tokens,
+    in position order."""
+    from msae.latents.answer_position import answer_position_rows
+
     if not sample_indices:
         return {}
-    tokens = read_table(store, Store.TOKENS, ["sample_index", "position", "token", "modality"],
-                        [("modality", "=", "text"), ("sample_index", "in", sample_indices)])
+    tokens = read_table(store, Store.TOKENS, ["sample_index", "sample_id", "position", "token", "modality", "role"],
+                        [("modality", "!=", "image"), ("sample_index", "in", sample_indices)])
     tokens = tokens.sort(["sample_index", "position"])
-    out: dict[int, tuple[np.ndarray, list[str]]] = {}
+    tokens = tokens.with_columns(pl.Series("_answer", answer_position_rows(tokens))).filter(pl.col("modality") == "text")
+    out: dict[int, tuple[np.ndarray, list[str], int]] = {}
     for (index,), group in tokens.group_by(["sample_index"], maintain_order=True):
-        out[int(index)] = (group["position"].to_numpy().astype(np.int64), group["token"].to_list())
+        hits = np.flatnonzero(group["_answer"].to_numpy())
+        out[int(index)] = (group["position"].to_numpy().astype(np.int64), group["token"].to_list(),
+                           int(hits[0]) if hits.size else -1)
     return out
 
 
@@ -139,17 +154,18 @@ def _image_example(row: dict[str, Any], sample: dict[str, Any], image_path: str)
 
 
 def _text_example(row: dict[str, Any], sample: dict[str, Any], image_path: str,
-                  tokens: tuple[np.ndarray, list[str]] | None) -> TextExample:
+                  tokens: tuple[np.ndarray, list[str], int] | None) -> TextExample:
     if tokens is None:  # tokens.parquet lacks the sample: keep the row's positions, unknown pieces
         positions = np.asarray(row["text_positions"] or [], dtype=np.int64)
-        pieces = ["?"] * len(positions)
+        pieces, answer_index = ["?"] * len(positions), -1
     else:
-        positions, pieces = tokens
+        positions, pieces, answer_index = tokens
     acts = _align(positions, row["text_positions"] or [], row["text_activations"] or [])
     return TextExample(
         sample_id=row["sample_id"], sample_index=int(row["sample_index"]), pieces=list(pieces),
         activations=acts, peak=_peak(positions, acts, row.get("peak_position")),
-        question=sample.get("question") or "", answer=sample.get("answer") or "", image_path=image_path)
+        question=sample.get("question") or "", answer=sample.get("answer") or "", image_path=image_path,
+        answer_index=answer_index)
 
 
 def load_evidence(store: Store, layer: int, width: int,

@@ -222,11 +222,21 @@ def _wrap_spans(display: list[str], marked: np.ndarray, opening: str, closing: s
     return join_tokens(out).strip()
 
 
+def _display(pieces: Sequence[str], display: Sequence[str] | None) -> list[str]:
+    """``display`` when given (e.g. with the answer position named), else the pieces' own."""
+    if display is None:
+        return display_tokens(pieces)
+    if len(display) != len(pieces):
+        raise ValueError(f"{len(pieces)} pieces but {len(display)} display strings")
+    return list(display)
+
+
 def mark_peak(pieces: Sequence[str], acts: Sequence[float] | np.ndarray, style: str = "parens",
-              window: int | None = None) -> str:
+              window: int | None = None, display: Sequence[str] | None = None) -> str:
     """The explainer's text: the peak-activation token wrapped, e.g. "(red)".
 
     window: keep only ±window tokens around the peak, with "…" where text was cut (long samples).
+    display: the pieces' display strings, if not their own (``TextExample.display``).
     """
     values = _check_lengths(pieces, acts)
     if not len(pieces):
@@ -235,7 +245,7 @@ def mark_peak(pieces: Sequence[str], acts: Sequence[float] | np.ndarray, style: 
     peak = peak_index(values)
     marked = np.zeros(len(pieces), dtype=bool)
     marked[peak] = True
-    display = display_tokens(pieces)
+    display = _display(pieces, display)
     lo, hi = 0, len(pieces)
     if window is not None:
         lo, hi = max(0, peak - window), min(len(pieces), peak + window + 1)
@@ -249,11 +259,13 @@ def mark_active(pieces: Sequence[str], acts: Sequence[float] | np.ndarray, thres
     return _wrap_spans(display_tokens(pieces), values > threshold, "<<", ">>")
 
 
-def peak_window(pieces: Sequence[str], acts: Sequence[float] | np.ndarray, size: int = 5) -> str:
-    """The tokens from peak - size to peak + size (clipped at the ends), joined: textual scoring's input."""
+def peak_window(pieces: Sequence[str], acts: Sequence[float] | np.ndarray, size: int = 5,
+                display: Sequence[str] | None = None) -> str:
+    """The tokens from peak - size to peak + size (clipped at the ends), joined: textual scoring's
+    input. display: as in :func:`mark_peak`."""
     values = _check_lengths(pieces, acts)
     if not len(pieces):
         return ""
     peak = peak_index(values)
-    display = display_tokens(pieces)
+    display = _display(pieces, display)
     return join_tokens(display[max(0, peak - size): peak + size + 1]).strip()

@@ -27,6 +27,7 @@ import polars as pl
 import torch
 
 from msae.config import LatentsConfig
+from msae.latents.answer_position import answer_position_rows
 from msae.sae.model import SparseCoder
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class RowInfo:
     local_sample: np.ndarray  # [rows] index of the row's sample within the batch
     modality: np.ndarray      # IMAGE / TEXT / OTHER
     base_cell: np.ndarray     # grid_row * grid_cols + grid_col for base-view rows, else -1
-    eligible_text: np.ndarray # text row that may be a peak (template excluded unless asked)
+    eligible_text: np.ndarray # text row that may be a peak (template excluded unless asked, but the answer position)
     text_index: np.ndarray    # index among the sample's text rows, -1 for other rows
     position: np.ndarray
 
@@ -117,7 +118,8 @@ def row_info(frame: pl.DataFrame, starts: np.ndarray, counts: np.ndarray, grid_c
     cell = np.where(base, frame["grid_row"].fill_null(0).to_numpy().astype(np.int64) * grid_cols
                     + frame["grid_col"].fill_null(0).to_numpy(), -1)
     is_template = (frame["role"] == "template").fill_null(False).to_numpy()
-    eligible = (modality == TEXT) & (include_template | ~is_template)
+    # the answer position is the one template token that is evidence (msae.latents.answer_position)
+    eligible = (modality == TEXT) & (include_template | ~is_template | answer_position_rows(frame))
     is_text = modality == TEXT
     before = np.concatenate([[0], np.cumsum(is_text)])  # text rows before each row, then per-sample offset
     first = np.concatenate([[0], np.cumsum(counts)])[:-1]

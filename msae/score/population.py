@@ -15,7 +15,8 @@ activation over the population, in that modality). The judge is the embedding mo
   latent fires strongly on any of the sample's image tokens;
 * textual items are the eligible text tokens (not template ones, unless
   ``latents.text_include_template``) plus each sample's answer position (the token right before the
-  answer, where the VLM computes it; ``ground_truth.answer_position_rows``, from token roles only) —
+  answer, where the VLM computes it; :mod:`msae.latents.answer_position`, from token roles only,
+  its word :data:`~msae.latents.answer_position.ANSWER_POSITION`) —
   score ``cos(concept, the token's word)``; positive when the latent fires strongly on that token.
   That is the ground truth's text population, so the gate judges text on the tokens the ground
   truth does.
@@ -54,12 +55,14 @@ import numpy as np
 import polars as pl
 
 from msae.explain.combine import DEFAULT_STOP_WORDS, content_ngrams
-from msae.score.ground_truth import answer_position_rows, average_ranks
+from msae.latents.answer_position import answer_position_rows, display_words
+from msae.score.ground_truth import average_ranks
 from msae.score.quality import candidate_concepts, normalise_concept
 
-POPULATION_REVISION = 3
+POPULATION_REVISION = 4
 """Bump when these scores or the selection compute other values (their cache key holds it).
-3: textual detection ranked by word (exact ties; per-token float noise gave differences ≤ 4e-5)."""
+3: textual detection ranked by word (exact ties; per-token float noise gave differences ≤ 4e-5).
+4: answer positions read as their display name, not as their ":" piece."""
 POPULATION_COLUMNS = ("visual_population_auroc", "visual_population_positives", "visual_population_random",
                       "textual_population_auroc", "textual_population_positives", "textual_population_random",
                       "textual_population_coverage", "textual_population_matches")
@@ -303,7 +306,8 @@ def load_population(store: Any, layer: int, width: int | str, n_samples: int, se
     is_text = (tokens["modality"] == "text").fill_null(False).to_numpy() & in_subset
     if not include_template:
         is_text &= (tokens["role"].fill_null("") != "template").to_numpy()
-    is_text |= answer_position_rows(tokens) & in_subset
+    is_answer = answer_position_rows(tokens)
+    is_text |= is_answer & in_subset
     images = samples["image"].to_list()
     with_image = [int(i) for i in chosen if images[i]]
     item_of_sample = np.full(samples.height, -1, np.int64)
@@ -342,7 +346,8 @@ def load_population(store: Any, layer: int, width: int | str, n_samples: int, se
                                            t[2].astype(np.float32))
 
     pieces = tokens["token"].fill_null("").to_list()
-    words = [w.strip().lower() for w in display_tokens([pieces[r] for r in text_rows])]
+    words = [w.strip().lower() for w in display_words(display_tokens([pieces[r] for r in text_rows]),
+                                                       is_answer[text_rows])]
     return Population.with_words(columns("image", len(with_image)),
                                  [resolve_image(store, images[s]) for s in with_image], columns("text", len(text_rows)),
                                  words)

@@ -36,6 +36,7 @@ import numpy as np
 import polars as pl
 
 from msae.config import MsaeConfig
+from msae.latents.answer_position import answer_position_rows
 from msae.score.classify import LABEL_FIELDS, label_frame
 from msae.score.quality import (auroc, baseline_score, candidate_concepts, concept_category, contrastive_score,
                                 draw_excluding, mask_balanced_split, normalise_concept, visual_image_scores,
@@ -93,13 +94,16 @@ def _one_hot(n: int, i: int) -> np.ndarray:
 
 
 def random_windows(texts: Sequence[tuple[str, Sequence[str], np.ndarray]], n: int, size: int,
-                   rng: np.random.Generator) -> list[tuple[str, str]]:
+                   rng: np.random.Generator, answer_index: Sequence[int] | None = None) -> list[tuple[str, str]]:
     """``n`` windows (±``size`` tokens, as around a peak) centred on random eligible tokens.
 
     ``texts``: (sample_id, pieces, eligible mask). Centres are drawn uniformly over all eligible
     tokens, without replacement; fewer than ``n`` come back when there are fewer tokens.
+    ``answer_index``: per text, the piece that is its answer position (-1: none), shown by its name
+    as in the latents' own windows.
     """
-    from msae.latents.render import peak_window
+    from msae.latents.answer_position import display_words
+    from msae.latents.render import display_tokens, peak_window
 
     where = [(i, p) for i, (_, _, ok) in enumerate(texts) for p in np.flatnonzero(ok)]
     if not where:
@@ -109,7 +113,9 @@ def random_windows(texts: Sequence[tuple[str, Sequence[str], np.ndarray]], n: in
     for k in sorted(picks):
         i, p = where[k]
         sample_id, pieces, _ = texts[i]
-        out.append((sample_id, peak_window(list(pieces), _one_hot(len(pieces), int(p)), size=size)))
+        answer = answer_index[i] if answer_index is not None else -1
+        display = display_words(display_tokens(list(pieces)), np.arange(len(pieces)) == answer)
+        out.append((sample_id, peak_window(list(pieces), _one_hot(len(pieces), int(p)), size=size, display=display)))
     return out
 
 
@@ -118,15 +124,17 @@ def evidence_pools(evidence: dict[int, Any], latents: Sequence[int], window: int
     """Control pools from the evidence alone: the images of all top examples; windows around random
     tokens of all top texts (any token may be a centre: evidence holds no token roles)."""
     images = list(dict.fromkeys(ex.image_path for lat in latents for ex in evidence[lat].images if ex.image_path))
-    texts = {t.sample_id: (t.sample_id, t.pieces, np.ones(len(t.pieces), bool))
-             for lat in latents for t in evidence[lat].texts}
-    return ControlPools(images, random_windows(list(texts.values()), n_windows, window, rng))
+    by_sample = {t.sample_id: t for lat in latents for t in evidence[lat].texts}
+    texts = [(t.sample_id, t.pieces, np.ones(len(t.pieces), bool)) for t in by_sample.values()]
+    return ControlPools(images, random_windows(texts, n_windows, window, rng,
+                                               [t.answer_index for t in by_sample.values()]))
 
 
 def store_pools(cfg: MsaeConfig, store: Any, rng: np.random.Generator) -> ControlPools | None:
     """Control pools from the whole dataset: every sample's image; windows around random eligible
-    text tokens (not template ones unless ``latents.text_include_template``) of a seeded subset of
-    samples, from tokens.parquet (rows pruned by pyarrow). None when the tables are missing."""
+    text tokens (not template ones unless ``latents.text_include_template``, but each answer position)
+    of a seeded subset of samples, from tokens.parquet (rows pruned by pyarrow). None when the tables
+    are missing."""
     from msae.latents.evidence import read_table, resolve_image
     from msae.store import Store
 
@@ -137,16 +145,19 @@ def store_pools(cfg: MsaeConfig, store: Any, rng: np.random.Generator) -> Contro
         return None
     images = list(dict.fromkeys(resolve_image(store, im) for im in samples["image"].to_list() if im))
     chosen = np.sort(rng.choice(samples.height, size=min(CONTROL_SAMPLES, samples.height), replace=False))
-    tokens = read_table(store, Store.TOKENS, ["sample_index", "sample_id", "position", "token", "role"],
-                        [("modality", "=", "text"), ("sample_index", "in", chosen.tolist())])
+    tokens = read_table(store, Store.TOKENS, ["sample_index", "sample_id", "position", "token", "modality", "role"],
+                        [("modality", "!=", "image"), ("sample_index", "in", chosen.tolist())])
     tokens = tokens.sort(["sample_index", "position"])
-    texts = []
+    tokens = tokens.with_columns(pl.Series("_answer", answer_position_rows(tokens))).filter(pl.col("modality") == "text")
+    texts, answers = [], []
     for (_,), g in tokens.group_by(["sample_index"], maintain_order=True):
+        is_answer = g["_answer"].to_numpy()
         ok = np.ones(g.height, bool) if cfg.latents.text_include_template else \
-            (g["role"].fill_null("") != "template").to_numpy()
+            (g["role"].fill_null("") != "template").to_numpy() | is_answer
         texts.append((g["sample_id"][0], g["token"].to_list(), ok))
+        answers.append(int(np.flatnonzero(is_answer)[0]) if is_answer.any() else -1)
     n_windows = max(CONTROL_WINDOWS, 4 * cfg.scores.textual_controls)
-    return ControlPools(images, random_windows(texts, n_windows, cfg.embedders.text_window, rng))
+    return ControlPools(images, random_windows(texts, n_windows, cfg.embedders.text_window, rng, answers))
 
 
 @dataclass(frozen=True)
@@ -237,7 +248,7 @@ def _plan_texts(cfg: MsaeConfig, evidence: dict[int, Any], latents: Sequence[int
         for t in texts:
             centre = t.peak if 0 <= t.peak < len(t.pieces) else None
             acts = _one_hot(len(t.pieces), centre) if centre is not None else t.activations
-            windows.append(peak_window(t.pieces, acts, size=cfg.embedders.text_window))
+            windows.append(peak_window(t.pieces, acts, size=cfg.embedders.text_window, display=t.display()))
             owners.append(lat)
             samples.append(t.sample_id)
         rng = np.random.default_rng([s.seed, int(lat), 1])
@@ -412,8 +423,9 @@ def _detection(lat: int, v: str | None, t: str | None, evidence: dict, owners: n
 
 
 # --- the stage: alignment scores, judge and ground truth cached apart from the labels ---------------
-SCORES_REVISION = 1
-"""Bump when :func:`alignment_scores` (or the judge, or ground truth) computes other values."""
+SCORES_REVISION = 2
+"""Bump when :func:`alignment_scores` (or the judge, or ground truth) computes other values.
+2: ground truth leaves partial patches out; answer positions read as their display name."""
 CACHE = "_cache/concept_scores"
 """Per partition, beside ``concepts.parquet``: one entry per kind (alignment, population, judge, ground_truth),
 ``<kind>-<key>/``, replaced when its key changes. Scratch (``integrity.SCRATCH``), not an output."""
