@@ -46,14 +46,25 @@ FINISHED = [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.Dagster
 
 
 def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine (one of another user counts)."""
+    """Whether a process with this pid exists on this machine and has not ended (one of another
+    user counts). A zombie has ended: killed together with its parent, a run's process stays one
+    until an init reaps it, which in a container may be never."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    return process_state(pid) not in ("Z", "X")
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of ``pid`` in /proc (R, S, D, Z, …); None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
 
 
 def process_start_time(pid: int) -> float | None:

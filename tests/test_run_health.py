@@ -22,7 +22,7 @@ import dagster as dg
 import pytest
 
 from msae_assets.run_health import (
-    DRIVER_PID_ENV, HOST_TAG, PID_TAG, process_alive, reap_dead_runs, run_process_gone)
+    DRIVER_PID_ENV, HOST_TAG, PID_TAG, process_alive, process_state, reap_dead_runs, run_process_gone)
 
 PROJECT = Path(__file__).resolve().parents[1]
 DAGSTER_YAML = """
@@ -154,6 +154,22 @@ def test_a_reused_pid_does_not_keep_a_dead_run_alive():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=60)
     assert not process_alive(dead.pid) and run_process_gone(dead.pid, None)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see a zombie")
+def test_a_zombie_counts_as_gone():
+    """kill -9 of the driver and its CLI child leaves the child a zombie until an init reaps it (in
+    a container, maybe never): the next call must still see the run's process as gone."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 60
+        while process_state(child.pid) != "Z":  # exited, not waited for: a zombie of this process
+            assert time.monotonic() < deadline, "the child never ended"
+            time.sleep(0.05)
+        os.kill(child.pid, 0)  # the pid still exists...
+        assert not process_alive(child.pid) and run_process_gone(child.pid, None)  # ...but is gone
+    finally:
+        child.wait(timeout=60)
 
 
 DRIVER = textwrap.dedent('''

@@ -193,7 +193,9 @@ def render_card(evidence: LatentEvidence, title: str | None = None) -> bytes:
         y += GAP
 
     buffer = io.BytesIO()
-    card.save(buffer, format="PNG", optimize=True)
+    # zlib's default level, not optimize=True: that search made encoding 3.5x slower (two thirds of
+    # the embedded default's card time) for files 2 % smaller
+    card.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
