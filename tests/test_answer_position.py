@@ -12,7 +12,7 @@ from msae.config import LatentsConfig
 from msae.explain.combine import CombineRule, combine_answers
 from msae.explain.stage import _text_example as explainer_example
 from msae.latents.answer_position import ANSWER_POSITION, answer_position_rows, display_words
-from msae.latents.evidence import TextExample, _text_tokens
+from msae.latents.evidence import TextExample, sample_texts
 from msae.latents.render import mark_peak, peak_window
 from msae.latents.stats import compute_latent_stats
 from msae.sae.model import SparseCoder
@@ -75,7 +75,8 @@ def test_evidence_and_explainer_show_its_name(tmp_path):
     tokens, _ = _chat(2)
     store = Store(str(tmp_path / "store"))
     store.write_parquet(tokens, store.TOKENS)
-    positions, pieces, answer = _text_tokens(store, [1])[1]
+    text = sample_texts(store, [1])[1]
+    positions, pieces, answer = text.positions, text.pieces, text.answer_index
     assert pieces[answer] == ":" and positions[answer] == 11 and pieces[answer - 1] == "assistant"
     acts = np.zeros(len(pieces), np.float32)
     acts[answer] = 1.0

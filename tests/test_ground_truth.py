@@ -393,6 +393,9 @@ def test_ground_truth_labels_on_planted_store(planted_store):
     assert rows[0]["gt_visual_fires"] == 48 + 16
     # ... and the partial cells are neither red nor background: out of the precision (else 48 / 64)
     # and of the AUROC, whose negatives would otherwise hold 16 near-peak background patches
+    kept = ground_truth_labels(planted_store, 1, 7, threshold=0.9, min_positive=20, min_firing=16,
+                               census_aurocs=(), exclude_partial=False)  # the rule before
+    assert kept["gt_visual_strong"][0] == 64 and kept["gt_visual_precision"][0] == 0.75
     assert rows[1]["gt_textual_fires"] == 25  # text needs no annotation: sample 48's "red" counts
     assert set(gt.columns) >= {"gt_modality_auroc_0.8", "gt_modality_auroc_0.95"}
     assert gt_census(gt)["0.95"]["none"] >= gt_census(gt)["0.8"]["none"]

@@ -109,22 +109,35 @@ def _stats_rows(stats: pl.DataFrame, chosen: Sequence[int]) -> dict[int, dict[st
     return {int(r["latent"]): r for r in stats.filter(pl.col("latent").is_in(list(chosen))).to_dicts()}
 
 
-def _text_tokens(store: Store, sample_indices: list[int]) -> dict[int, tuple[np.ndarray, list[str], int]]:
-    """sample_index → (positions, pieces, index of the answer position or -1) of its text tokens,
-    in position order."""
+@dataclass(frozen=True)
+class SampleText:
+    """One sample's text tokens in position order, as evidence and control windows read them."""
+
+    sample_id: str
+    positions: np.ndarray
+    pieces: list[str]
+    template: np.ndarray
+    """bool per piece: a chat-template token."""
+    answer_index: int
+    """Index into pieces of the sample's answer position (``msae.latents.answer_position``), -1 if none."""
+
+
+def sample_texts(store: Store, sample_indices: Sequence[int]) -> dict[int, SampleText]:
+    """sample_index → its :class:`SampleText`, from one pruned read of tokens.parquet."""
     from msae.latents.answer_position import answer_position_rows
 
-    if not sample_indices:
+    if not len(sample_indices):
         return {}
     tokens = read_table(store, Store.TOKENS, ["sample_index", "sample_id", "position", "token", "modality", "role"],
-                        [("modality", "!=", "image"), ("sample_index", "in", sample_indices)])
+                        [("modality", "!=", "image"), ("sample_index", "in", [int(i) for i in sample_indices])])
     tokens = tokens.sort(["sample_index", "position"])
     tokens = tokens.with_columns(pl.Series("_answer", answer_position_rows(tokens))).filter(pl.col("modality") == "text")
-    out: dict[int, tuple[np.ndarray, list[str], int]] = {}
-    for (index,), group in tokens.group_by(["sample_index"], maintain_order=True):
-        hits = np.flatnonzero(group["_answer"].to_numpy())
-        out[int(index)] = (group["position"].to_numpy().astype(np.int64), group["token"].to_list(),
-                           int(hits[0]) if hits.size else -1)
+    out: dict[int, SampleText] = {}
+    for (index,), g in tokens.group_by(["sample_index"], maintain_order=True):
+        hits = np.flatnonzero(g["_answer"].to_numpy())
+        out[int(index)] = SampleText(g["sample_id"][0], g["position"].to_numpy().astype(np.int64), g["token"].to_list(),
+                                     (g["role"].fill_null("") == "template").to_numpy(),
+                                     int(hits[0]) if hits.size else -1)
     return out
 
 
@@ -154,12 +167,12 @@ def _image_example(row: dict[str, Any], sample: dict[str, Any], image_path: str)
 
 
 def _text_example(row: dict[str, Any], sample: dict[str, Any], image_path: str,
-                  tokens: tuple[np.ndarray, list[str], int] | None) -> TextExample:
-    if tokens is None:  # tokens.parquet lacks the sample: keep the row's positions, unknown pieces
+                  text: SampleText | None) -> TextExample:
+    if text is None:  # tokens.parquet lacks the sample: keep the row's positions, unknown pieces
         positions = np.asarray(row["text_positions"] or [], dtype=np.int64)
         pieces, answer_index = ["?"] * len(positions), -1
     else:
-        positions, pieces, answer_index = tokens
+        positions, pieces, answer_index = text.positions, text.pieces, text.answer_index
     acts = _align(positions, row["text_positions"] or [], row["text_activations"] or [])
     return TextExample(
         sample_id=row["sample_id"], sample_index=int(row["sample_index"]), pieces=list(pieces),
@@ -189,7 +202,7 @@ def load_evidence(store: Store, layer: int, width: int,
                          [("sample_id", "in", sample_ids)] if sample_ids else None)
     sample_rows = {r["sample_id"]: r for r in samples.to_dicts()}
     text_indices = top.filter(pl.col("modality") == "text")["sample_index"].unique().to_list()
-    tokens = _text_tokens(store, [int(i) for i in text_indices])
+    tokens = sample_texts(store, [int(i) for i in text_indices])
 
     images: dict[int, list[ImageExample]] = {latent: [] for latent in chosen}
     texts: dict[int, list[TextExample]] = {latent: [] for latent in chosen}

@@ -9,10 +9,9 @@ Populations and concepts
   object covers, but by less than ``MIN_COVERAGE`` (a quarter). Such a patch is neither its object
   (the mask leaves it out) nor background (it shows part of an object), and the residual stream of
   a patch beside an object carries that object, so as a negative it cuts the precision of a
-  genuine "purple cross" latent to about 0.6. On the calibration world (seed 4321; a one-off
-  count when this rule came in, the old one is not kept), the four SAEs' ground truth with partial
-  patches as negatives held 12/12/10/14 visual and 25/25/24/27 multimodal latents; without them
-  20/22/21/29 and 29/33/35/35 (mixed 4/6/4/4 → 1/5/2/3).
+  genuine "purple cross" latent to about 0.6. ``benchmarks/bench_gt_partial.py`` compares the
+  census and the pipeline's macro-F1 with partial patches left out and kept as background
+  (``benchmarks/RESULTS.md``, "Ground truth: partial patches").
   Concepts are those of the dissection
   explainer (:class:`msae.explain.dissection.AnnotationGrids`): each colour, shape and size value,
   each "colour shape" pair present in the world, and "background".
@@ -533,7 +532,7 @@ def ground_truth_labels(store: Any, layer: int, width: int | str, *, threshold: 
                         precision: float = 0.8, strong_fraction: float = 0.5, min_firing: int = 20,
                         min_lift: float = 2.0, census_aurocs: Sequence[float] = (0.8, 0.9, 0.95),
                         min_positive: int = 20, device: str = "cpu", tolerance: float = SIMPLER_WITHIN,
-                        batch_rows: int = 16384, max_rows: int = 8192) -> pl.DataFrame:
+                        batch_rows: int = 16384, max_rows: int = 8192, exclude_partial: bool = True) -> pl.DataFrame:
     """Ground-truth label of every latent of the layer × width SAE (module doc), one row per latent:
     :data:`GT_SCHEMA`, ``gt_visual_fires`` / ``gt_textual_fires`` (patches / text tokens where the
     latent is active) and one :func:`census_column` per ``census_aurocs`` threshold.
@@ -543,7 +542,8 @@ def ground_truth_labels(store: Any, layer: int, width: int | str, *, threshold: 
     AUROC ranks every token. That is fine because ground truth exists only for the small annotated
     world (38,400 patches × 512 latents ≈ 80 MB for the embedded default); it is not meant for a
     LLaVA-NeXT-Data run, which has no annotations anyway. Rows with NaN/inf activations are left
-    out of both populations.
+    out of both populations. ``exclude_partial=False`` keeps partial patches as background (the
+    rule before they were left out; ``benchmarks/bench_gt_partial.py`` compares the two).
     """
     from msae.data.samples import sample_image_ids
     from msae.latents.render import display_tokens
@@ -578,7 +578,7 @@ def ground_truth_labels(store: Any, layer: int, width: int | str, *, threshold: 
 
     base_rows = tokens.filter(pl.Series(is_base)).filter(pl.Series(finite[is_base[kept]]))
     fires_v = (act_v > 0).sum(axis=0)  # every patch: whether a latent fires at all
-    whole = ~partial_patches(grids, sample_image, base_rows)
+    whole = ~partial_patches(grids, sample_image, base_rows) if exclude_partial else np.ones(len(act_v), bool)
     act_v, base_rows = act_v[whole], base_rows.filter(pl.Series(whole))
     v_names, v_pos = visual_positives(grids, sample_image, base_rows)
     text_rows = tokens.filter(pl.Series(is_text))
@@ -602,12 +602,12 @@ def ground_truth_labels(store: Any, layer: int, width: int | str, *, threshold: 
 
 
 def ground_truth_from_config(store: Any, layer: int, width: int | str, scores: Any,
-                             device: str = "cpu") -> pl.DataFrame:
+                             device: str = "cpu", exclude_partial: bool = True) -> pl.DataFrame:
     """:func:`ground_truth_labels` with every threshold from a :class:`msae.config.ScoresConfig`."""
     return ground_truth_labels(store, layer, width, threshold=scores.gt_auroc, precision=scores.gt_precision,
                                strong_fraction=scores.gt_strong_fraction, min_firing=scores.gt_min_firing,
                                min_lift=scores.gt_min_lift, census_aurocs=tuple(scores.gt_census_aurocs),
-                               min_positive=scores.gt_min_positive, device=device)
+                               min_positive=scores.gt_min_positive, device=device, exclude_partial=exclude_partial)
 
 
 __all__ = ["ANSWER_POSITION", "GT_SCHEMA", "MODALITIES", "SIMPLER_WITHIN", "GroundingRule", "ModalityEvidence",

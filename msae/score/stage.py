@@ -36,7 +36,6 @@ import numpy as np
 import polars as pl
 
 from msae.config import MsaeConfig
-from msae.latents.answer_position import answer_position_rows
 from msae.score.classify import LABEL_FIELDS, label_frame
 from msae.score.quality import (auroc, baseline_score, candidate_concepts, concept_category, contrastive_score,
                                 draw_excluding, mask_balanced_split, normalise_concept, visual_image_scores,
@@ -135,7 +134,7 @@ def store_pools(cfg: MsaeConfig, store: Any, rng: np.random.Generator) -> Contro
     text tokens (not template ones unless ``latents.text_include_template``, but each answer position)
     of a seeded subset of samples, from tokens.parquet (rows pruned by pyarrow). None when the tables
     are missing."""
-    from msae.latents.evidence import read_table, resolve_image
+    from msae.latents.evidence import read_table, resolve_image, sample_texts
     from msae.store import Store
 
     if not (store.exists(Store.SAMPLES) and store.exists(Store.TOKENS)):
@@ -145,17 +144,13 @@ def store_pools(cfg: MsaeConfig, store: Any, rng: np.random.Generator) -> Contro
         return None
     images = list(dict.fromkeys(resolve_image(store, im) for im in samples["image"].to_list() if im))
     chosen = np.sort(rng.choice(samples.height, size=min(CONTROL_SAMPLES, samples.height), replace=False))
-    tokens = read_table(store, Store.TOKENS, ["sample_index", "sample_id", "position", "token", "modality", "role"],
-                        [("modality", "!=", "image"), ("sample_index", "in", chosen.tolist())])
-    tokens = tokens.sort(["sample_index", "position"])
-    tokens = tokens.with_columns(pl.Series("_answer", answer_position_rows(tokens))).filter(pl.col("modality") == "text")
     texts, answers = [], []
-    for (_,), g in tokens.group_by(["sample_index"], maintain_order=True):
-        is_answer = g["_answer"].to_numpy()
-        ok = np.ones(g.height, bool) if cfg.latents.text_include_template else \
-            (g["role"].fill_null("") != "template").to_numpy() | is_answer
-        texts.append((g["sample_id"][0], g["token"].to_list(), ok))
-        answers.append(int(np.flatnonzero(is_answer)[0]) if is_answer.any() else -1)
+    for t in sample_texts(store, chosen.tolist()).values():
+        ok = np.ones(len(t.pieces), bool) if cfg.latents.text_include_template else ~t.template
+        if t.answer_index >= 0:
+            ok[t.answer_index] = True
+        texts.append((t.sample_id, t.pieces, ok))
+        answers.append(t.answer_index)
     n_windows = max(CONTROL_WINDOWS, 4 * cfg.scores.textual_controls)
     return ControlPools(images, random_windows(texts, n_windows, cfg.embedders.text_window, rng, answers))
 
