@@ -17,7 +17,7 @@ demo``) on the calibration world into its own store, then chooses, in this order
    that textual scoring embeds; :data:`TEXT_WINDOWS`), the contrast thresholds
    ``scores.visual_threshold`` / ``scores.textual_threshold`` and the population gate
    (``scores.visual_population_threshold`` / ``textual_population_threshold`` /
-   ``textual_coverage_threshold`` /
+   ``textual_coverage_threshold`` / ``textual_precision_threshold`` /
    ``population_min_positives``, :mod:`msae.score.population`) on grids: the combination with the
    highest macro-F1 of the pipeline's labels against ground truth, pooled over every layer × width,
    over the classes with at least :data:`MIN_CLASS_SUPPORT` ground-truth latents (ties: the
@@ -69,7 +69,7 @@ MIN_POSITIVES_GRID: tuple[int, ...] = (5, 10, 20, 40)
 """``scores.population_min_positives`` values swept."""
 LABEL_RULE_KEYS: tuple[str, ...] = ("visual_threshold", "textual_threshold", "visual_population_threshold",
                                     "textual_population_threshold", "textual_coverage_threshold",
-                                    "population_min_positives")
+                                    "textual_precision_threshold", "population_min_positives")
 """The ``scores`` fields the sweep chooses (contrast thresholds first)."""
 TEXT_WINDOWS: tuple[int, ...] = (5, 2, 1)
 
@@ -132,22 +132,23 @@ def _encode(labels: list[str], classes: list[str]) -> np.ndarray:
     return np.array([where[x] for x in labels], dtype=np.int64)
 
 
-def _macro_f1(y: np.ndarray, p: np.ndarray, n_classes: int, present: np.ndarray) -> float:
-    """sklearn's ``f1_score(average="macro", zero_division=0)`` over the ground truth's classes."""
-    cm = np.bincount(y * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-    tp = np.diag(cm).astype(np.float64)
-    denom = cm.sum(axis=0) + cm.sum(axis=1)
+def _macro_f1_batch(cm: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """sklearn's ``f1_score(average="macro", zero_division=0)`` over the ground truth's classes
+    ``present``, for each of a stack of confusion matrices [B, true, predicted]."""
+    tp = np.diagonal(cm, axis1=1, axis2=2).astype(np.float64)
+    denom = cm.sum(axis=1) + cm.sum(axis=2)
     f1 = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-    return float(f1[present].mean())
+    return f1[:, present].mean(axis=1)
 
 
-def _gate_grid(gated: bool) -> list[tuple[float, float, float, int]]:
-    """(visual, textual, textual coverage, min positives) of the population gate to sweep; the
-    minimum is swept only where some route is on."""
+def _gate_grid(gated: bool) -> list[tuple[float, float, float, float, int]]:
+    """(visual, textual, textual coverage, textual precision, min positives) of the population gate
+    to sweep; the minimum is swept only where some route is on."""
     if not gated:
-        return [(0.0, 0.0, 0.0, MIN_POSITIVES_GRID[0])]
-    return [(vg, tg, tc, mp) for vg in POPULATION_GRID for tg in POPULATION_GRID for tc in POPULATION_GRID
-            for mp in (MIN_POSITIVES_GRID if (vg > 0 or tg > 0 or tc > 0) else MIN_POSITIVES_GRID[:1])]
+        return [(0.0, 0.0, 0.0, 0.0, MIN_POSITIVES_GRID[0])]
+    return [(vg, tg, tc, tp, mp) for vg in POPULATION_GRID for tg in POPULATION_GRID for tc in POPULATION_GRID
+            for tp in POPULATION_GRID
+            for mp in (MIN_POSITIVES_GRID if (vg > 0 or tg > 0 or tc > 0 or tp > 0) else MIN_POSITIVES_GRID[:1])]
 
 
 def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str = "masked") -> list[dict]:
@@ -179,20 +180,34 @@ def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str =
     vp, tp = col("visual_population_auroc", -np.inf), col("textual_population_auroc", -np.inf)
     vn, tn = col("visual_population_positives", 0), col("textual_population_positives", 0)
     tc, tm = col("textual_population_coverage", -np.inf), col("textual_population_matches", 0)
+    tpr = col("textual_population_precision", -np.inf)
     code = {c: classes.index(c) for c in LABELS}
+    grid = np.asarray(THRESHOLD_GRID)
+    n_classes, n_grid = len(classes), len(grid)
+    pairs = [(vt, tt) for vt in THRESHOLD_GRID for tt in THRESHOLD_GRID]
+    offset = (np.arange(n_grid * n_grid) * n_classes * n_classes)[:, None]
     rows = []
-    for vt in THRESHOLD_GRID:
-        for tt in THRESHOLD_GRID:
-            for vg, tg, tcov, mp in _gate_grid(gated):
-                v = (vs >= vt) & ((vp >= vg) & (vn >= mp) if vg > 0 else True)
-                t_gate = (((tp >= tg) & (tn >= mp) if tg > 0 else False)
-                          | ((tc >= tcov) & (tm >= mp) if tcov > 0 else False))
-                t = (ts >= tt) & (t_gate if (tg > 0 or tcov > 0) else True)
-                pred = np.where(v & t & agree, code["multimodal"], np.where(
-                    v & t, code["mixed"], np.where(v, code["visual"], np.where(t, code["textual"], code["none"]))))
-                rows.append({"visual_threshold": vt, "textual_threshold": tt, "visual_population_threshold": vg,
-                             "textual_population_threshold": tg, "textual_coverage_threshold": tcov,
-                             "population_min_positives": mp, "macro_f1": _macro_f1(y, pred, len(classes), present)})
+    for vg, tg, tcov, tprec, mp in _gate_grid(gated):
+        # every contrast pair of one gate at once: [visual threshold, textual threshold, latent]
+        v_gate = (vp >= vg) & (vn >= mp) if vg > 0 else np.ones(j.height, bool)
+        t_gate = (((tp >= tg) & (tn >= mp) if tg > 0 else False) | ((tc >= tcov) & (tm >= mp) if tcov > 0 else False)
+                  | ((tpr >= tprec) & (tn >= mp) if tprec > 0 else False))
+        if not (tg > 0 or tcov > 0 or tprec > 0):
+            t_gate = np.ones(j.height, bool)
+        v = ((vs[None, :] >= grid[:, None]) & v_gate)[:, None, :]
+        t = ((ts[None, :] >= grid[:, None]) & t_gate)[None, :, :]
+        pred = np.where(v & t & agree, code["multimodal"], np.where(
+            v & t, code["mixed"], np.where(v, code["visual"], np.where(t, code["textual"], code["none"]))))
+        cells = (offset + y[None, :] * n_classes + pred.reshape(n_grid * n_grid, -1)).ravel()
+        cm = np.bincount(cells, minlength=len(pairs) * n_classes * n_classes).reshape(len(pairs), n_classes, n_classes)
+        scores = _macro_f1_batch(cm, present)
+        for (vt, tt), f1 in zip(pairs, scores):
+            rows.append({"visual_threshold": float(vt), "textual_threshold": float(tt),
+                         "visual_population_threshold": vg, "textual_population_threshold": tg,
+                         "textual_coverage_threshold": tcov, "textual_precision_threshold": tprec,
+                         "population_min_positives": mp, "macro_f1": float(f1)})
+    rows.sort(key=lambda r: THRESHOLD_GRID.index(r["visual_threshold"]) * n_grid
+              + THRESHOLD_GRID.index(r["textual_threshold"]))  # stable: contrast first, then gate, as before
     return rows
 
 
@@ -205,7 +220,7 @@ def choose_thresholds(sweep: list[dict]) -> dict:
     return min(tied, key=lambda r: (abs(r["visual_threshold"] - centre) + abs(r["textual_threshold"] - centre),
                                     r["visual_threshold"], r["textual_threshold"],
                                     r.get("visual_population_threshold", 0) + r.get("textual_population_threshold", 0)
-                                    + r.get("textual_coverage_threshold", 0),
+                                    + r.get("textual_coverage_threshold", 0) + r.get("textual_precision_threshold", 0),
                                     r.get("population_min_positives", 0)))
 
 
@@ -323,7 +338,7 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         "threshold_sweep_best": best_t,
         # the sweep's two faces through the best setting (the whole grid is ~20k rows)
         "threshold_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in LABEL_RULE_KEYS[2:])],
-        "gate_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in LABEL_RULE_KEYS[:2])],
+        "gate_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in (*LABEL_RULE_KEYS[:2], LABEL_RULE_KEYS[-1]))],
         "gt_census": {f"{a}|{b}": dict(gts[(a, b)].group_by("gt_modality").len().iter_rows()) for a, b in keys},
     }
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -501,6 +501,10 @@ class ScoresConfig(_Section):
         0.0, ge=0, le=1, description="Label gate, second route for text: the textual concept also passes when the "
         "latent's activation separates the tokens showing the concept from all others with at least this AUROC "
         "(coverage; textual_population_coverage), over at least population_min_positives such tokens (0: off).")
+    textual_precision_threshold: float = Field(
+        0.0, ge=0, le=1, description="Label gate, third route for text: the textual concept also passes when at "
+        "least this share of the tokens the latent fires strongly on show it (its word, or one of a phrase's words; "
+        "textual_population_precision), over at least population_min_positives such tokens (0: off).")
     population_min_positives: int = Field(
         20, ge=1, description="Label gate: a population detection counts only with at least this many items the "
         "latent fires strongly on (fewer cannot support an AUROC; the latent is then not aligned in that modality).")

@@ -88,6 +88,7 @@ def test_sweep_labels_exactly_as_the_label_rule_does():
         "textual_population_auroc": rng.uniform(0.4, 1, n), "textual_population_positives": rng.integers(0, 60, n),
         "textual_population_random": rng.uniform(0.4, 0.6, n),
         "textual_population_coverage": rng.uniform(0.4, 1, n), "textual_population_matches": rng.integers(0, 60, n),
+        "textual_population_precision": rng.uniform(0.4, 1, n),
     }).with_columns(pl.when(pl.col("latent") % 7 == 0).then(None).otherwise(pl.col("visual_score"))
                     .alias("visual_score"))
     truth = rng.choice(["visual", "textual", "none", "mixed", "multimodal"], size=n).tolist()
@@ -96,7 +97,8 @@ def test_sweep_labels_exactly_as_the_label_rule_does():
     sweep = threshold_sweep([(concepts, gt)])
     for r in [sweep[i] for i in rng.choice(len(sweep), size=40, replace=False)]:
         gate = PopulationGate(r["visual_population_threshold"], r["textual_population_threshold"],
-                              r["population_min_positives"], r["textual_coverage_threshold"])
+                              r["population_min_positives"], r["textual_coverage_threshold"],
+                              r["textual_precision_threshold"])
         labels = classify_frame(concepts, r["visual_threshold"], r["textual_threshold"], gate).to_list()
         counted = sorted(c for c in set(truth) if truth.count(c) >= MIN_CLASS_SUPPORT)  # the objective's classes
         want = f1_score(truth, labels, labels=counted, average="macro", zero_division=0)

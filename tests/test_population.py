@@ -9,7 +9,8 @@ from sklearn.metrics import roc_auc_score
 
 from msae.config import ScoresConfig
 from msae.score.classify import LABEL_FIELDS, PopulationGate, classify_frame, label_frame
-from msae.score.population import Population, SparseColumns, detection, population_scores, rank_auroc
+from msae.score.population import (Population, SparseColumns, detection, population_scores, rank_auroc,
+                                   word_precision)
 
 
 def test_rank_auroc_matches_sklearn_with_ties():
@@ -76,6 +77,19 @@ def test_population_scores_separate_a_selective_concept_from_a_common_one():
     assert rows[(1, "masked")]["textual_population_coverage"] == pytest.approx(0.5)  # never fires on text: ties
     assert rand_lat["textual_population_auroc"] is None  # latent 1 never fires on text
     assert rare["textual_population_auroc"] is None and rare["textual_population_positives"] is None
+    assert sel["textual_population_precision"] == pytest.approx(1.0)  # every strong token is "red"
+    assert wrong["textual_population_precision"] == pytest.approx(0.0)  # none of them is "blue"
+    assert rand_lat["textual_population_precision"] is None  # no strong token to count
+
+
+def test_word_precision_counts_the_strong_tokens_showing_the_concept():
+    vocab = ["<answer position>", "large", "red", "circle"]
+    word_ids = np.array([0, 1, 2, 3, 0, 0, 1, 2])
+    strong = np.array([0, 4, 5, 1])  # three answer positions and one "large"
+    assert word_precision(vocab, word_ids, strong, "<answer position>") == pytest.approx(0.75)
+    assert word_precision(vocab, word_ids, strong, "large") == pytest.approx(0.25)
+    assert word_precision(vocab, word_ids, np.array([2, 3, 7]), "red circle") == pytest.approx(1.0)  # a phrase's words
+    assert word_precision(vocab, word_ids, np.array([], dtype=np.int64), "red") is None
 
 
 def _scored(v, t, vp, vn, tp, tn):
@@ -194,3 +208,9 @@ def test_gate_passes_text_through_either_route():
     assert classify_frame(frame, 0.9, 0.9, by_selectivity).to_list() == ["visual"]
     assert classify_frame(frame, 0.9, 0.9, both).to_list() == ["mixed"]
     assert classify_frame(frame, 0.9, 0.9, PopulationGate(0.8, 0.0, 40, 0.95)).to_list() == ["visual"]  # 30 < 40
+    # the precision route: share of the 50 strong tokens that show the concept
+    precise = frame.with_columns(pl.lit(0.85).alias("textual_population_precision"))
+    by_precision = PopulationGate(visual=0.8, textual=0.8, min_positives=20, textual_precision=0.8)
+    assert classify_frame(precise, 0.9, 0.9, by_precision).to_list() == ["mixed"]
+    assert classify_frame(precise, 0.9, 0.9, PopulationGate(0.8, 0.0, 20, 0.0, 0.9)).to_list() == ["visual"]  # 0.85 < 0.9
+    assert classify_frame(precise, 0.9, 0.9, PopulationGate(0.8, 0.0, 60, 0.0, 0.8)).to_list() == ["none"]  # 50 < 60

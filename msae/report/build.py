@@ -288,6 +288,7 @@ def settings(cfg: MsaeConfig) -> dict[str, Any]:
             "textual_threshold": s.textual_threshold,
             "population_gate": {"visual": s.visual_population_threshold, "textual": s.textual_population_threshold,
                                 "textual_coverage": s.textual_coverage_threshold,
+                                "textual_precision": s.textual_precision_threshold,
                                 "min_positives": s.population_min_positives, "samples": s.population_samples,
                                 "strong_fraction": s.population_strong_fraction},
             "concept_selection": {"by_detection": s.select_by_detection, "tolerance": s.selection_tolerance},

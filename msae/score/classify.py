@@ -6,12 +6,13 @@ scores are AUROCs against random controls (``msae.score.quality``): 0.5 is chanc
 says how much better than random examples the concept must describe the latent's own.
 
 A *population gate* (:class:`PopulationGate`, from ``scores.visual_population_threshold``,
-``scores.textual_population_threshold``, ``scores.textual_coverage_threshold`` and
-``scores.population_min_positives``) can further require the concept to *detect* where the latent
-fires across the dataset (``msae.score.population``): its population AUROC at least the threshold,
-over at least the minimum number of firing items — or, for text, its coverage AUROC at least its
-threshold over at least that many tokens showing the concept. A threshold of 0 turns that route
-off; a modality with both routes off is not gated. The contrast alone asks whether the concept
+``scores.textual_population_threshold``, ``scores.textual_coverage_threshold``,
+``scores.textual_precision_threshold`` and ``scores.population_min_positives``) can further require
+the concept to *detect* where the latent fires across the dataset (``msae.score.population``): its
+population AUROC at least the threshold, over at least the minimum number of firing items — or, for
+text, its coverage AUROC at least its threshold over at least that many tokens showing the concept,
+or the share of its strong tokens that show the concept (precision) at least its threshold over at
+least that many strong tokens. A threshold of 0 turns that route off; a modality with both routes off is not gated. The contrast alone asks whether the concept
 describes the latent's top examples; the gate asks whether the latent is selective for it.
 
 * both aligned and the concepts agree (``quality.concepts_agree``) → ``multimodal``
@@ -34,7 +35,8 @@ from msae.score.quality import concepts_agree, normalise_concept
 
 LABELS = ("visual", "textual", "multimodal", "mixed", "none")
 LABEL_FIELDS = frozenset({"visual_threshold", "textual_threshold", "agreement", "visual_population_threshold",
-                          "textual_population_threshold", "textual_coverage_threshold", "population_min_positives"})
+                          "textual_population_threshold", "textual_coverage_threshold", "textual_precision_threshold",
+                          "population_min_positives"})
 """The ``scores`` fields that decide labels (``concepts_agree``, ``modality``) and nothing else."""
 LABEL_COLUMNS = ("concepts_agree", "modality")
 """Columns :func:`label_frame` adds to a score frame."""
@@ -58,17 +60,20 @@ class PopulationGate:
     textual: float = 0.0
     min_positives: int = 1
     textual_coverage: float = 0.0
+    textual_precision: float = 0.0
 
     @classmethod
     def from_scores(cls, scores: Any) -> PopulationGate:
         return cls(scores.visual_population_threshold, scores.textual_population_threshold,
-                   scores.population_min_positives, scores.textual_coverage_threshold)
+                   scores.population_min_positives, scores.textual_coverage_threshold,
+                   scores.textual_precision_threshold)
 
     def passes(self, kind: str) -> pl.Expr:
         """Row-wise: the ``kind`` (visual / textual) concept passes the gate."""
         threshold = self.visual if kind == "visual" else self.textual
         cover = self.textual_coverage if kind == "textual" else 0.0
-        if threshold <= 0 and cover <= 0:
+        precision = self.textual_precision if kind == "textual" else 0.0
+        if threshold <= 0 and cover <= 0 and precision <= 0:
             return pl.lit(True)
         ok = pl.lit(False)
         if threshold > 0:
@@ -77,6 +82,9 @@ class PopulationGate:
         if cover > 0:
             ok = ok | ((pl.col("textual_population_coverage").fill_null(float("-inf")) >= cover)
                        & (pl.col("textual_population_matches").fill_null(0) >= self.min_positives))
+        if precision > 0:
+            ok = ok | ((pl.col("textual_population_precision").fill_null(float("-inf")) >= precision)
+                       & (pl.col("textual_population_positives").fill_null(0) >= self.min_positives))
         return ok
 
 

@@ -27,7 +27,11 @@ also gets *coverage*, the other direction (``textual_population_coverage``): the
 latent's activation for the tokens whose word *is* the concept (one of its words, for a phrase)
 against every other token, with their number (``textual_population_matches``). A latent that fires
 on every "one", weakly, and hardest on other words has low selectivity but high coverage; the
-ground truth grounds such a latent by its AUROC. Images have no word to match, so no coverage.
+ground truth grounds such a latent by its AUROC. And text gets *precision*
+(``textual_population_precision``): the share of the latent's strong tokens whose word is the
+concept (one of its words) — selectivity by exact match instead of the judge's similarity, which
+for a name like ``<answer position>`` or a size word the embedding model separates poorly from its
+neighbours. Images have no word to match, so neither coverage nor precision.
 The label rule (:mod:`msae.score.classify`) trusts a detection only with at least
 ``scores.population_min_positives`` positives (matches, for coverage). The random baseline is the same
 AUROC for a random *other* candidate concept of the partition: it shows how much of the score is the
@@ -59,13 +63,14 @@ from msae.latents.answer_position import answer_position_rows, display_words
 from msae.score.ground_truth import average_ranks
 from msae.score.quality import candidate_concepts, normalise_concept
 
-POPULATION_REVISION = 4
+POPULATION_REVISION = 5
 """Bump when these scores or the selection compute other values (their cache key holds it).
 3: textual detection ranked by word (exact ties; per-token float noise gave differences ≤ 4e-5).
-4: answer positions read as their display name, not as their ":" piece."""
+4: answer positions read as their display name, not as their ":" piece.
+5: textual_population_precision."""
 POPULATION_COLUMNS = ("visual_population_auroc", "visual_population_positives", "visual_population_random",
                       "textual_population_auroc", "textual_population_positives", "textual_population_random",
-                      "textual_population_coverage", "textual_population_matches")
+                      "textual_population_coverage", "textual_population_matches", "textual_population_precision")
 
 
 @dataclass(frozen=True)
@@ -166,13 +171,26 @@ def word_detection(vocab_similarity: np.ndarray, word_ids: np.ndarray, word_coun
     return grouped_auroc(vocab_similarity, pos, word_counts - pos), len(strong_items)
 
 
+def concept_words_mask(vocab: Sequence[str], concept: str) -> np.ndarray:
+    """bool [vocab]: the word shows the concept — is the concept itself or one of a phrase's words."""
+    wanted = set([concept, *concept.split()])
+    return np.array([w in wanted for w in vocab], dtype=bool)
+
+
+def word_precision(vocab: Sequence[str], word_ids: np.ndarray, strong_items: np.ndarray,
+                   concept: str) -> float | None:
+    """Share of the strong textual items whose word shows the concept (None without strong items)."""
+    if not len(strong_items):
+        return None
+    return float(concept_words_mask(vocab, concept)[word_ids[strong_items]].mean())
+
+
 def coverage(texts: SparseColumns, latent: int, vocab: Sequence[str], word_ids: np.ndarray,
              concept: str) -> tuple[float | None, int]:
     """(AUROC of the latent's activation for the tokens showing the concept — the word itself, or
     any of a phrase's words — against all other tokens, their number); None without both sides.
     Only the latent's firing tokens have their own activation; all the others share 0."""
-    wanted = set([concept, *concept.split()])
-    word_match = np.array([w in wanted for w in vocab], dtype=bool)
+    word_match = concept_words_mask(vocab, concept)
     match = word_match[word_ids] if len(word_ids) else np.zeros(0, bool)
     n_match = int(match.sum())
     items, values = texts.column(latent)
@@ -223,9 +241,12 @@ def population_scores(proposals: pl.DataFrame, population: Population, image_emb
             out |= dict(zip((f"{kind}_population_auroc", f"{kind}_population_positives",
                              f"{kind}_population_random"), values))
         c = normalise_concept(r["textual_concept"]) if r["textual_concept"] else None
+        with_words = c is not None and bool(population.vocab)
         out["textual_population_coverage"], out["textual_population_matches"] = (
-            coverage(population.texts, lat, population.vocab, population.word_ids, c)
-            if c is not None and population.vocab else (None, None))
+            coverage(population.texts, lat, population.vocab, population.word_ids, c) if with_words else (None, None))
+        out["textual_population_precision"] = (
+            word_precision(population.vocab, population.word_ids, population.texts.strong(lat, strong_fraction), c)
+            if with_words else None)
         rows.append(out)
     schema = {"latent": proposals.schema["latent"], "prompting": pl.Utf8,
               **{c: (pl.Int64 if c.endswith(("positives", "matches")) else pl.Float64) for c in POPULATION_COLUMNS}}
@@ -391,6 +412,7 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
                                      s.population_strong_fraction, s.seed)
 
 
-__all__ = ["POPULATION_COLUMNS", "Population", "SparseColumns", "choose_reading", "coverage", "detection",
+__all__ = ["POPULATION_COLUMNS", "Population", "SparseColumns", "choose_reading", "concept_words_mask", "coverage",
+           "detection", "word_precision",
            "grouped_auroc", "load_population", "word_detection",
            "population_scores", "rank_auroc", "readings", "score_population", "select_by_detection"]
