@@ -13,8 +13,8 @@ demo``) on the calibration world into its own store, then chooses, in this order
    annotation is that concept. The candidate with the highest product of the two, pooled, wins
    (ties: the earlier candidate in :data:`EVIDENCE_CANDIDATES`). If it differs from the calibration run's setting, the concept
    stages are re-run with it.
-2. **Text window and label rule** — ``embedders.text_window`` (the tokens each side of the peak
-   that textual scoring embeds; :data:`TEXT_WINDOWS`), the contrast thresholds
+2. **Text window and label rule** — ``embedders.text_window`` and ``text_window_context`` (the
+   tokens each side of the peak, or before it, that textual scoring embeds; :data:`TEXT_WINDOWS`), the contrast thresholds
    ``scores.visual_threshold`` / ``scores.textual_threshold`` and the population gate
    (``scores.visual_population_threshold`` / ``textual_population_threshold`` /
    ``textual_coverage_threshold`` / ``textual_precision_threshold`` /
@@ -71,7 +71,9 @@ LABEL_RULE_KEYS: tuple[str, ...] = ("visual_threshold", "textual_threshold", "vi
                                     "textual_population_threshold", "textual_coverage_threshold",
                                     "textual_precision_threshold", "population_min_positives")
 """The ``scores`` fields the sweep chooses (contrast thresholds first)."""
-TEXT_WINDOWS: tuple[int, ...] = (5, 2, 1)
+TEXT_WINDOWS: tuple[tuple[int, str], ...] = ((5, "around"), (2, "around"), (1, "around"), (5, "before"),
+                                            (2, "before"), (1, "before"))
+"""(``embedders.text_window``, ``embedders.text_window_context``) candidates: the method's first."""
 
 
 def calibration_config_data(profile: str = "embedded", store: str = "outputs/calibration") -> dict[str, Any]:
@@ -276,14 +278,16 @@ def text_window_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, in
         evidence = load_evidence(store, *k, sorted(set(proposals["latent"].to_list())))
         inputs.append((k, proposals, evidence, store.read_parquet(concepts_folder(*k), GROUND_TRUTH)))
     out = []
-    for window in TEXT_WINDOWS:
-        wcfg = cfg.model_copy(update={"embedders": cfg.embedders.model_copy(update={"text_window": window})})
+    for window, context in TEXT_WINDOWS:
+        wcfg = cfg.model_copy(update={"embedders": cfg.embedders.model_copy(
+            update={"text_window": window, "text_window_context": context})})
         pools = store_pools(wcfg, store, np.random.default_rng([wcfg.scores.seed, 2]))
         frames = [(score_partition_full(wcfg, store, *k, ev, prop, image_text, text, pools), gt)
                   for k, prop, ev, gt in inputs]
         sweep = threshold_sweep(frames, cfg.explainer.prompting[0])
-        out.append({"text_window": window, "best": choose_thresholds(sweep), "sweep": sweep})
-        print(f"text_window {window}: best {out[-1]['best']}", flush=True)
+        out.append({"text_window": window, "text_window_context": context, "best": choose_thresholds(sweep),
+                    "sweep": sweep})
+        print(f"text_window {window} / {context}: best {out[-1]['best']}", flush=True)
     return out
 
 
@@ -329,12 +333,14 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         "partitions": [f"{a}|{b}" for a, b in keys],
         "chosen": {"latents.ranking": best_ev["ranking"], "latents.active_fraction": best_ev["active_fraction"],
                    "embedders.text_window": best_w["text_window"],
+                   "embedders.text_window_context": best_w["text_window_context"],
                    "scores.select_by_detection": best_sel["select_by_detection"],
                    "scores.selection_tolerance": best_sel["selection_tolerance"],
                    **{f"scores.{k}": best_t[k] for k in LABEL_RULE_KEYS}},
         "evidence_candidates": evidence,
         "selection_candidates": selection,
-        "text_window_candidates": [{"text_window": r["text_window"], **r["best"]} for r in windows],
+        "text_window_candidates": [{"text_window": r["text_window"], "text_window_context": r["text_window_context"],
+                                    **r["best"]} for r in windows],
         "threshold_sweep_best": best_t,
         # the sweep's two faces through the best setting (the whole grid is ~20k rows)
         "threshold_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in LABEL_RULE_KEYS[2:])],

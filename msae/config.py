@@ -388,7 +388,12 @@ class EmbeddersConfig(_Section):
     text: str | None = Field(None, description="Sentence embedder id or folder; None: the first image_text model's "
                              "text tower.")
     blur_radius: float = Field(5.0, ge=0)
-    text_window: int = Field(5, ge=0, description="Tokens each side of the peak for textual scoring.")
+    text_window: int = Field(5, ge=0, description="Tokens each side of the peak for textual scoring (before it "
+                             "only, with text_window_context: before).")
+    text_window_context: Literal["around", "before"] = Field(
+        "around", description="The tokens textual scoring embeds with the peak: around (text_window each side, as "
+        "in the method) or before (the text_window tokens before the peak, and the peak: a causal model's activation "
+        "at a token depends on nothing after it, and an embedder that pools the last token then reads the peak).")
     device: str = Field("auto", description="auto, cpu, cuda, …")
     batch_size: int = Field(64, gt=0)
 

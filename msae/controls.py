@@ -117,7 +117,9 @@ def run_dissection_oracle(cfg: Any, store: Store, layer: int, width: int) -> tup
 
     ostore = oracle_store(store)
     _, concepts_meta = run_concepts(cfg, ostore, layer, width)
-    version, meta = run_concept_scores(cfg, ostore, layer, width)
+    # the oracle explains the real SAE, whose ground truth the `concept_scores` asset already wrote
+    # (the report judges the oracle against that one): computing it again would only cost time
+    version, meta = run_concept_scores(cfg, ostore, layer, width, ground_truth=False)
     meta = {f"oracle_{k}": v for k, v in meta.items() if k.startswith("census_")}
     meta["oracle_explainer_failures"] = int(concepts_meta.get("explainer_failures", 0))
     meta["oracle_root"] = store.url(ORACLE_ROOT)

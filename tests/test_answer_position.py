@@ -93,6 +93,8 @@ def test_random_control_windows_name_it_too():
     texts = [("a", ["assistant", ":", "red"], np.array([False, True, False]))]
     assert random_windows(texts, 3, 1, np.random.default_rng(0), [1]) == [("a", "assistant <answer position> red")]
     assert random_windows(texts, 3, 1, np.random.default_rng(0)) == [("a", "assistant : red")]
+    assert random_windows(texts, 3, 1, np.random.default_rng(0), [1], before_only=True) == [
+        ("a", "assistant <answer position>")]  # the control windows end where the latents' own do
 
 
 def test_display_words_keep_spacing_and_rows_follow_roles():

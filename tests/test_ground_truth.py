@@ -41,7 +41,9 @@ def test_auroc_matrix_matches_sklearn_with_ties():
     positives[:, 0] = False          # empty set → NaN
     positives[:, 1] = True           # full set → NaN
     scores[:, 2] = positives[:, 3] * 1.0  # a perfect separator
-    got = auroc_matrix(scores, positives, max_cells=n * 2)  # several column chunks
+    scores[:, 4] = np.where(scores[:, 4] > 0, scores[:, 4] - 1.5, 0.0)  # negative values: zeros rank among them
+    scores[:, 5] = rng.random(n) + 0.1  # no zero at all
+    got = auroc_matrix(scores, positives)
     assert got.shape == (w, v)
     assert np.isnan(got[:, :2]).all()
     for j in range(w):

@@ -207,3 +207,10 @@ def test_peak_window_clips_at_ends():
     assert peak_window(WORDS, [0, 0, 9, 0, 0, 0]) == "how many objects are there ?"
     assert peak_window(BYTE, [0, 0, 0, 0, 0, 1], size=1) == "is round"
     assert peak_window([], []) == ""
+
+
+def test_peak_window_before_only_ends_at_the_peak():
+    """What a causal model saw when it activated there: the context before the peak, and the peak."""
+    assert peak_window(WORDS, [0, 0, 0, 9, 0, 0], size=1, before_only=True) == "objects are"
+    assert peak_window(WORDS, [0, 0, 0, 9, 0, 0], size=5, before_only=True) == "how many objects are"
+    assert peak_window(WORDS, [9, 0, 0, 0, 0, 0], size=2, before_only=True) == "how"

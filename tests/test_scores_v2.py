@@ -283,3 +283,32 @@ def test_stage_default_pools_come_from_the_evidence(world):
     small = score_partition(_config(visual_controls=4, textual_controls=1000), evidence, proposals,
                             [PixelEmbedder()], WordsEmbedder())
     assert small.filter(pl.col("textual_concept").is_not_null())["textual_score_random"].null_count() == 0
+
+
+class LastWordEmbedder(WordsEmbedder):
+    """Only a text's last word counts, as in a text tower that pools its last token."""
+
+    def embed_texts(self, texts) -> np.ndarray:
+        return super().embed_texts([t.split()[-1] if t.split() else "" for t in texts])
+
+
+def test_windows_ending_at_the_peak_let_a_last_token_embedder_read_it(world):
+    """Around the peak, a last-token embedder reads the word after it ("shape"), so the word the
+    latent fires on scores at chance; windows that end at the peak (text_window_context: before,
+    the context a causal model saw) show it the peak. Control windows end at their centre too."""
+    evidence, proposals, _ = world
+    middle = np.r_[np.zeros(6, bool), np.ones(7, bool), np.zeros(6, bool)]
+    rng = np.random.default_rng(7)
+    pool_texts = [(f"q{i}", _question(list(COLOURS)[rng.integers(4)]), middle) for i in range(200)]
+
+    def red_score(context: str) -> float:
+        pools = ControlPools([], random_windows(pool_texts, 400, 2, np.random.default_rng(6),
+                                                before_only=context == "before"))
+        cfg = _config().model_copy(update={"embedders": _config().embedders.model_copy(
+            update={"text_window": 2, "text_window_context": context})})
+        frame = score_partition(cfg, {2: evidence[2]}, proposals.filter(pl.col("latent") == 2), [PixelEmbedder()],
+                                LastWordEmbedder(), pools)
+        return frame.filter(pl.col("prompting") == "masked")["textual_score"].item()
+
+    assert red_score("around") < 0.6
+    assert red_score("before") > 0.9

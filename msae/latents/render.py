@@ -260,12 +260,13 @@ def mark_active(pieces: Sequence[str], acts: Sequence[float] | np.ndarray, thres
 
 
 def peak_window(pieces: Sequence[str], acts: Sequence[float] | np.ndarray, size: int = 5,
-                display: Sequence[str] | None = None) -> str:
-    """The tokens from peak - size to peak + size (clipped at the ends), joined: textual scoring's
+                display: Sequence[str] | None = None, before_only: bool = False) -> str:
+    """The tokens from peak - size to peak + size (clipped at the ends; to the peak itself with
+    ``before_only``, the context a causal model's activation there saw), joined: textual scoring's
     input. display: as in :func:`mark_peak`."""
     values = _check_lengths(pieces, acts)
     if not len(pieces):
         return ""
     peak = peak_index(values)
     display = _display(pieces, display)
-    return join_tokens(display[max(0, peak - size): peak + size + 1]).strip()
+    return join_tokens(display[max(0, peak - size): peak + (0 if before_only else size) + 1]).strip()

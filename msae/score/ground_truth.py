@@ -114,13 +114,16 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def auroc_matrix(scores: np.ndarray, positives: np.ndarray, *, max_cells: int = 1 << 23) -> np.ndarray:
+def auroc_matrix(scores: np.ndarray, positives: np.ndarray) -> np.ndarray:
     """AUROC of every score column separating every positive set: [N, W] × bool [N, V] → [W, V].
 
     Mann–Whitney form, (Σ ranks of positives − n₁(n₁+1)/2) / (n₁ n₀), with average ranks so ties
     (a TopK latent is 0 on most tokens) count half — the same number as sklearn's roc_auc_score.
-    NaN where a positive set is empty or holds every row. Columns are ranked ``max_cells // N`` at
-    a time so memory stays bounded whatever the width.
+    NaN where a positive set is empty or holds every row.
+
+    A TopK code is 0 on most tokens, so each column ranks only its nonzero entries; its zeros are one
+    tie block whose average rank is known (after the negative entries, before the positive ones).
+    That is the same sum as ranking all N, at the cost of the column's nonzeros.
     """
     s = np.asarray(scores)
     pos = np.asarray(positives, dtype=bool)
@@ -136,10 +139,16 @@ def auroc_matrix(scores: np.ndarray, positives: np.ndarray, *, max_cells: int = 
     if n == 0 or w == 0 or not valid.any():
         return out
     p = pos[:, valid].astype(np.float64)
-    step = max(1, max_cells // n)
-    for j in range(0, w, step):
-        ranks = average_ranks(s[:, j: j + step])
-        out[j: j + step, valid] = (ranks.T @ p - n1[valid] * (n1[valid] + 1) / 2) / (n1[valid] * n0[valid])
+    n1v, n0v = n1[valid], n0[valid]
+    for j in range(w):
+        nz = np.flatnonzero(s[:, j])
+        values = s[nz, j].astype(np.float64)
+        n_zero = n - len(nz)
+        ranks = average_ranks(values) + n_zero * (values > 0)  # zeros rank below the positive values
+        zero_rank = float((values < 0).sum()) + (n_zero + 1) / 2.0
+        p_nz = p[nz]
+        rank_sum = ranks @ p_nz + (n1v - p_nz.sum(axis=0)) * zero_rank
+        out[j, valid] = (rank_sum - n1v * (n1v + 1) / 2) / (n1v * n0v)
     return out
 
 

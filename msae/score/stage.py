@@ -86,6 +86,11 @@ def _slug(name: str) -> str:
     return name.rstrip("/").split("/")[-1].replace("-", "_").replace(".", "_")
 
 
+def before_only(cfg: MsaeConfig) -> bool:
+    """Textual windows end at the peak (``embedders.text_window_context: before``)."""
+    return cfg.embedders.text_window_context == "before"
+
+
 def _one_hot(n: int, i: int) -> np.ndarray:
     a = np.zeros(n, np.float32)
     a[i] = 1.0
@@ -93,8 +98,10 @@ def _one_hot(n: int, i: int) -> np.ndarray:
 
 
 def random_windows(texts: Sequence[tuple[str, Sequence[str], np.ndarray]], n: int, size: int,
-                   rng: np.random.Generator, answer_index: Sequence[int] | None = None) -> list[tuple[str, str]]:
-    """``n`` windows (±``size`` tokens, as around a peak) centred on random eligible tokens.
+                   rng: np.random.Generator, answer_index: Sequence[int] | None = None,
+                   before_only: bool = False) -> list[tuple[str, str]]:
+    """``n`` windows (±``size`` tokens, or ``size`` before, as around a peak) centred on random
+    eligible tokens.
 
     ``texts``: (sample_id, pieces, eligible mask). Centres are drawn uniformly over all eligible
     tokens, without replacement; fewer than ``n`` come back when there are fewer tokens.
@@ -114,19 +121,20 @@ def random_windows(texts: Sequence[tuple[str, Sequence[str], np.ndarray]], n: in
         sample_id, pieces, _ = texts[i]
         answer = answer_index[i] if answer_index is not None else -1
         display = display_words(display_tokens(list(pieces)), np.arange(len(pieces)) == answer)
-        out.append((sample_id, peak_window(list(pieces), _one_hot(len(pieces), int(p)), size=size, display=display)))
+        out.append((sample_id, peak_window(list(pieces), _one_hot(len(pieces), int(p)), size=size, display=display,
+                                           before_only=before_only)))
     return out
 
 
 def evidence_pools(evidence: dict[int, Any], latents: Sequence[int], window: int, n_windows: int,
-                   rng: np.random.Generator) -> ControlPools:
+                   rng: np.random.Generator, before_only: bool = False) -> ControlPools:
     """Control pools from the evidence alone: the images of all top examples; windows around random
     tokens of all top texts (any token may be a centre: evidence holds no token roles)."""
     images = list(dict.fromkeys(ex.image_path for lat in latents for ex in evidence[lat].images if ex.image_path))
     by_sample = {t.sample_id: t for lat in latents for t in evidence[lat].texts}
     texts = [(t.sample_id, t.pieces, np.ones(len(t.pieces), bool)) for t in by_sample.values()]
     return ControlPools(images, random_windows(texts, n_windows, window, rng,
-                                               [t.answer_index for t in by_sample.values()]))
+                                               [t.answer_index for t in by_sample.values()], before_only))
 
 
 def store_pools(cfg: MsaeConfig, store: Any, rng: np.random.Generator) -> ControlPools | None:
@@ -152,7 +160,8 @@ def store_pools(cfg: MsaeConfig, store: Any, rng: np.random.Generator) -> Contro
         texts.append((t.sample_id, t.pieces, ok))
         answers.append(t.answer_index)
     n_windows = max(CONTROL_WINDOWS, 4 * cfg.scores.textual_controls)
-    return ControlPools(images, random_windows(texts, n_windows, cfg.embedders.text_window, rng, answers))
+    return ControlPools(images, random_windows(texts, n_windows, cfg.embedders.text_window, rng, answers,
+                                               before_only(cfg)))
 
 
 @dataclass(frozen=True)
@@ -243,7 +252,8 @@ def _plan_texts(cfg: MsaeConfig, evidence: dict[int, Any], latents: Sequence[int
         for t in texts:
             centre = t.peak if 0 <= t.peak < len(t.pieces) else None
             acts = _one_hot(len(t.pieces), centre) if centre is not None else t.activations
-            windows.append(peak_window(t.pieces, acts, size=cfg.embedders.text_window, display=t.display()))
+            windows.append(peak_window(t.pieces, acts, size=cfg.embedders.text_window, display=t.display(),
+                                       before_only=before_only(cfg)))
             owners.append(lat)
             samples.append(t.sample_id)
         rng = np.random.default_rng([s.seed, int(lat), 1])
@@ -303,7 +313,7 @@ def alignment_scores(cfg: MsaeConfig, evidence: dict[int, Any], proposals: pl.Da
     if pools is None:
         pools = evidence_pools(evidence, latents, cfg.embedders.text_window,
                                max(CONTROL_WINDOWS, 4 * cfg.scores.textual_controls),
-                               np.random.default_rng([cfg.scores.seed, 2]))
+                               np.random.default_rng([cfg.scores.seed, 2]), before_only(cfg))
     from msae.data.images import ImageLimits
 
     load = functools.lru_cache(maxsize=IMAGE_CACHE)(
@@ -652,8 +662,10 @@ def _ground_truth(cfg: MsaeConfig, store: Any, cache: ScoreCache, layer: int, wi
     return buf.getvalue(), False
 
 
-def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> tuple[str, dict[str, Any]]:
-    """Score, label and (where annotations exist) compute ground truth; returns (data version, metadata).
+def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int,
+                       ground_truth: bool = True) -> tuple[str, dict[str, Any]]:
+    """Score, label and (where annotations exist, unless ``ground_truth`` is False) compute ground
+    truth; returns (data version, metadata).
 
     The expensive parts — embedding every view and window (:func:`alignment_scores`), the LLM judge,
     ground truth — are cached in the partition's :data:`CACHE` under keys without the labelling
@@ -693,7 +705,7 @@ def run_concept_scores(cfg: MsaeConfig, store: Any, layer: int, width: int) -> t
             s = frame.filter(pl.col("prompting") == mode)[col].drop_nulls()
             meta[f"{col}_{mode}"] = float(s.mean()) if len(s) else None
     digest_parts = [store.read_bytes(folder, CONCEPTS)]
-    if store.exists("world", "annotations.parquet"):
+    if ground_truth and store.exists("world", "annotations.parquet"):
         gt_bytes, meta["ground_truth_reused"] = _ground_truth(cfg, store, cache, layer, width)
         store.write_bytes(gt_bytes, folder, GROUND_TRUTH)
         gt = pl.read_parquet(io.BytesIO(gt_bytes))
