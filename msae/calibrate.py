@@ -342,7 +342,8 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         "text_window_candidates": [{"text_window": r["text_window"], "text_window_context": r["text_window_context"],
                                     **r["best"]} for r in windows],
         "threshold_sweep_best": best_t,
-        # the sweep's two faces through the best setting (the whole grid is ~20k rows)
+        # the sweep's two faces through the best setting (the whole grid is ~10^6 rows): the contrast
+        # pairs at the best gate, and the gates at the best contrast pair and minimum of positives
         "threshold_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in LABEL_RULE_KEYS[2:])],
         "gate_sweep": [r for r in sweep if all(r[k] == best_t[k] for k in (*LABEL_RULE_KEYS[:2], LABEL_RULE_KEYS[-1]))],
         "gt_census": {f"{a}|{b}": dict(gts[(a, b)].group_by("gt_modality").len().iter_rows()) for a, b in keys},
