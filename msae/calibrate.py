@@ -14,8 +14,8 @@ demo``) on the calibration world into its own store, then chooses, in this order
    (ties: the earlier candidate in :data:`EVIDENCE_CANDIDATES`). If it differs from the calibration run's setting, the concept
    stages are re-run with it.
 2. **Text window and label rule** — ``embedders.text_window`` and ``text_window_context`` (the
-   tokens each side of the peak, or before it, that textual scoring embeds; :data:`TEXT_WINDOWS`), the contrast thresholds
-   ``scores.visual_threshold`` / ``scores.textual_threshold`` and the population gate
+   tokens each side of the peak, or before it, that textual scoring embeds; :data:`TEXT_WINDOWS`),
+   the contrast thresholds ``scores.visual_threshold`` / ``scores.textual_threshold`` and the population gate
    (``scores.visual_population_threshold`` / ``textual_population_threshold`` /
    ``textual_coverage_threshold`` / ``textual_precision_threshold`` /
    ``population_min_positives``, :mod:`msae.score.population`) on grids: the combination with the

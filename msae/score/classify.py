@@ -13,7 +13,8 @@ population AUROC at least the threshold, over at least the minimum number of fir
 text, its coverage AUROC at least its threshold over at least that many tokens showing the concept,
 or the share of its strong tokens that show the concept (precision) at least its threshold over at
 least that many strong tokens. A threshold of 0 turns that route off; a modality with every route
-off is not gated. The contrast alone asks whether the concept describes the latent's top examples; the gate asks whether the latent is selective for it.
+off is not gated. The contrast alone asks whether the concept describes the latent's top examples;
+the gate asks whether the latent is selective for it.
 
 * both aligned and the concepts agree (``quality.concepts_agree``) → ``multimodal``
 * both aligned but they name different things → ``mixed`` (the latent answers to two concepts)

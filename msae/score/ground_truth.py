@@ -623,5 +623,5 @@ __all__ = ["ANSWER_POSITION", "GT_SCHEMA", "MODALITIES", "SIMPLER_WITHIN", "Grou
            "answer_position_rows", "auroc_matrix", "average_ranks", "census_by_auroc", "census_column",
            "choose_concepts", "concept_words", "grounded", "ground_truth_from_config", "ground_truth_labels",
            "gt_census", "label_latents", "mask_small_sets", "modality_evidence", "most_specific",
-           "partial_patches", "precision_matrix", "strong_mask", "text_vocabulary", "textual_positives", "visual_concept_names",
-           "visual_positives"]
+           "partial_patches", "precision_matrix", "strong_mask", "text_vocabulary", "textual_positives",
+           "visual_concept_names", "visual_positives"]

@@ -227,26 +227,26 @@ def population_scores(proposals: pl.DataFrame, population: Population, image_emb
         lat = int(r["latent"])
         rng = np.random.default_rng([seed, lat, 3])
         out: dict[str, Any] = {"latent": r["latent"], "prompting": r["prompting"]}
-        for kind, concept, sims, cands, cols in (
-                ("visual", r["visual_concept"], v_sim, v_cands, population.images),
-                ("textual", r["textual_concept"], t_sim, t_cands, population.texts)):
-            c = normalise_concept(concept) if concept else None
+        concept = {k: normalise_concept(r[f"{k}_concept"]) if r[f"{k}_concept"] else None for k in ("visual", "textual")}
+        strong = {"visual": population.images.strong(lat, strong_fraction),
+                  "textual": population.texts.strong(lat, strong_fraction)}
+        for kind, sims, cands in (("visual", v_sim, v_cands), ("textual", t_sim, t_cands)):
+            c = concept[kind]
             values: tuple[float | None, int | None, float | None] = (None, None, None)
             if c is not None and c in sims:
-                strong = cols.strong(lat, strong_fraction)
-                score, n = judged(kind, sims[c], strong)
+                score, n = judged(kind, sims[c], strong[kind])
                 others = [o for o in cands if o != c]
-                rand = judged(kind, sims[others[rng.integers(len(others))]], strong)[0] if others else float("nan")
+                rand = (judged(kind, sims[others[rng.integers(len(others))]], strong[kind])[0] if others
+                        else float("nan"))
                 values = (None if np.isnan(score) else score, n, None if np.isnan(rand) else rand)
             out |= dict(zip((f"{kind}_population_auroc", f"{kind}_population_positives",
                              f"{kind}_population_random"), values))
-        c = normalise_concept(r["textual_concept"]) if r["textual_concept"] else None
+        c = concept["textual"]
         with_words = c is not None and bool(population.vocab)
         out["textual_population_coverage"], out["textual_population_matches"] = (
             coverage(population.texts, lat, population.vocab, population.word_ids, c) if with_words else (None, None))
         out["textual_population_precision"] = (
-            word_precision(population.vocab, population.word_ids, population.texts.strong(lat, strong_fraction), c)
-            if with_words else None)
+            word_precision(population.vocab, population.word_ids, strong["textual"], c) if with_words else None)
         rows.append(out)
     schema = {"latent": proposals.schema["latent"], "prompting": pl.Utf8,
               **{c: (pl.Int64 if c.endswith(("positives", "matches")) else pl.Float64) for c in POPULATION_COLUMNS}}
