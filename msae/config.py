@@ -30,7 +30,9 @@ logger = logging.getLogger("msae.config")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # validate_default: a default goes through the same validators (normalising, sorting) as a value
+    # read from a file, so a config and its dump round-trip to the same code versions
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
     def fingerprint(self) -> str:
         """Short stable hash of this section, used in Dagster code versions and manifests."""

@@ -16,8 +16,11 @@ not the extraction run's fingerprint: a changed chunking or an added layer re-ex
 layer whose values did not change keeps its data version, so its SAEs are not re-trained.
 """
 
+from collections.abc import Callable
+
 import dagster as dg
 
+from msae.checkpoints import Checkpoint
 from msae.config import ModelConfig, MsaeConfig
 from msae.manifest import Manifest, current_manifest, fingerprint, reset_if_damaged, save_manifest, upstream_version
 from msae.runtime import apply_threads, executor_concurrency
@@ -27,7 +30,7 @@ from msae.vlm.identity import model_identity
 from msae_assets.run_health import tag_run_process
 from msae_assets.checkpoints import CHECKPOINT_ASSET
 from msae_assets.partitions import layer_partitions
-from msae_assets.stage import markdown_table, to_dagster_metadata
+from msae_assets.stage import STAMP, StagePlan, markdown_table, to_dagster_metadata
 from msae_assets.versions import code_version
 from msae_resources.vlm import GPU_POOL, VLMResource
 
@@ -40,9 +43,26 @@ def activations_code_version(cfg: MsaeConfig) -> str:
     return code_version("activations", model.model_dump(mode="json", exclude=BATCH_FIELDS), cfg.extraction, cfg.layers)
 
 
+def activations_plan(cfg: MsaeConfig, checkpoint: Callable[[], Checkpoint | None]) -> StagePlan:
+    """The samples and the weights, for every layer alike. ``checkpoint``: the one the run loads
+    (:meth:`msae_resources.vlm.VLMResource.checkpoint`; None: the model as configured, named by its
+    content stamp, so a model retrained in place keeps its path but not its identity)."""
+
+    def inputs(store: Store, _partition: str | None) -> dict[str, str]:
+        found = {"vqa_samples": upstream_version(store, "vqa_samples")}
+        if (ckpt := checkpoint()) is not None:
+            found[CHECKPOINT_ASSET] = ckpt.version
+        else:
+            found["model"] = model_identity(cfg.model.name_or_path, cfg.model.revision)
+        return found
+
+    deps = ("vqa_samples", *((CHECKPOINT_ASSET,) if cfg.checkpoints is not None else ()))
+    return StagePlan("activations", activations_code_version(cfg), deps, inputs)
+
+
 def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     version = activations_code_version(cfg)
-    deps = ["vqa_samples", *([CHECKPOINT_ASSET] if cfg.checkpoints is not None else [])]
+    deps = list(activations_plan(cfg, lambda: None).upstream)
 
     @dg.asset(
         name="activations",
@@ -61,11 +81,8 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         apply_threads(cfg, step_concurrency=executor_concurrency(context))  # msae.runtime
         store = Store(cfg.store)
         ckpt = vlm.checkpoint()
-        inputs = {"vqa_samples": upstream_version(store, "vqa_samples")}
-        if ckpt is not None:
-            inputs[CHECKPOINT_ASSET] = ckpt.version
-        else:  # a model retrained in place keeps its path: its content stamp tells the weights apart
-            inputs["model"] = model_identity(cfg.model.name_or_path, cfg.model.revision)
+        plan = activations_plan(cfg, vlm.checkpoint)
+        inputs = plan.inputs(store, None)
         fp = fingerprint(version, inputs)
         wanted = [int(k) for k in context.partition_keys]
         done = {layer: current_manifest(store, "activations", fp, str(layer)) for layer in wanted}
@@ -84,7 +101,7 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         }
         shared = {k: v for k, v in manifests[0].metadata.items() if k not in ("layer", "path", "rows", "bytes")}
         return dg.MaterializeResult(
-            metadata=to_dagster_metadata({**shared, **meta}),
+            metadata=to_dagster_metadata({**shared, **meta, STAMP: plan.stamp(fp)}),
             data_version=dg.DataVersion("+".join(sorted({m.data_version for m in manifests}))),
         )
 

@@ -12,8 +12,8 @@ import dagster as dg
 from msae.config import MsaeConfig
 from msae.store import Store
 from msae_assets.partitions import layer_width_partitions
-from msae_assets.per_sae import build_per_sae_asset
-from msae_assets.stage import markdown_table
+from msae_assets.per_sae import build_per_sae_asset, per_sae_plan
+from msae_assets.stage import StagePlan, markdown_table
 from msae_assets.versions import code_version
 from msae_resources.vlm import GPU_POOL
 
@@ -23,6 +23,10 @@ def concepts_code_version(cfg: MsaeConfig) -> str:
     from msae.explain.stage import explainer_fingerprint
 
     return code_version("concepts", explainer_fingerprint(cfg.explainer, cfg.model))
+
+
+def concepts_plan(cfg: MsaeConfig) -> StagePlan:
+    return per_sae_plan("concepts", concepts_code_version(cfg), ["latent_stats"])
 
 
 def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:
@@ -62,7 +66,7 @@ def build_concepts_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
                                    description="every explainer request of the partition was answered "
                                    "(WARN otherwise: failed ones are re-sent on the next materialization)")]
     return build_per_sae_asset(
-        cfg, name="concepts", upstream=["latent_stats"], version=concepts_code_version(cfg),
+        cfg, plan=concepts_plan(cfg),
         compute=lambda store, layer, width, fp: run_concepts(cfg, store, layer, width),
         description="Explainer proposals (masked regions and whole-image baseline) → "
         "<store>/concepts/layer=<L>/width=<W>/proposals.parquet.",

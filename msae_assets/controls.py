@@ -3,19 +3,27 @@
 import dagster as dg
 
 from msae.config import MsaeConfig
-from msae_assets.per_sae import build_per_sae_asset
+from msae_assets.concept_scores import concept_scores_plan
+from msae_assets.concepts import concepts_plan
+from msae_assets.latent_stats import latent_stats_plan
+from msae_assets.per_sae import build_per_sae_asset, per_sae_plan
+from msae_assets.stage import StagePlan
 from msae_assets.versions import code_version
 from msae_resources.vlm import GPU_POOL
 
 
-def build_controls_asset(cfg: MsaeConfig, stage_versions: list[str]) -> dg.AssetsDefinition:
-    """``stage_versions``: the code versions of latent_stats, concepts and concept_scores — the
+def controls_plan(cfg: MsaeConfig) -> StagePlan:
+    """The code versions of latent_stats, concepts and concept_scores are part of this one's: the
     controls rerun whenever any of the stages they repeat would."""
+    repeated = [plan(cfg).code_version for plan in (latent_stats_plan, concepts_plan, concept_scores_plan)]
+    return per_sae_plan("controls", code_version("controls", cfg.controls, *repeated), ["sae", "latent_stats"])
+
+
+def build_controls_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     from msae.controls import run_controls
 
-    version = code_version("controls", cfg.controls, *stage_versions)
     return build_per_sae_asset(
-        cfg, name="controls", upstream=["sae", "latent_stats"], version=version,
+        cfg, plan=controls_plan(cfg),
         compute=lambda store, layer, width, fp: run_controls(cfg, store, layer, width, fingerprint=fp),
         description="Latent stats, concepts, scores and ground truth of a random-weight SAE of the trained SAE's "
         "shape (labels should collapse to the prior) → `<store>/controls/random_sae/`; the dissection explainer's "

@@ -24,7 +24,7 @@ def build_definitions(cfg: MsaeConfig) -> dg.Definitions:
     stages = [build_latent_stats_asset(cfg), build_concepts_asset(cfg), build_concept_scores_asset(cfg)]
     controls = []
     if cfg.controls.enabled:
-        controls.append(build_controls_asset(cfg, [next(iter(a.code_versions_by_key.values())) for a in stages]))
+        controls.append(build_controls_asset(cfg))
     return dg.Definitions(
         assets=[build_vqa_samples_asset(cfg), build_activations_asset(cfg), build_sae_asset(cfg), *stages,
                 *controls, build_report_asset(cfg), *build_checkpoint_assets(cfg)],

@@ -4,7 +4,8 @@ import dagster as dg
 
 from msae.config import MsaeConfig
 from msae.store import Store
-from msae_assets.per_sae import build_per_sae_asset
+from msae_assets.per_sae import build_per_sae_asset, per_sae_plan
+from msae_assets.stage import StagePlan
 from msae_assets.stage import markdown_table
 from msae_assets.versions import code_version
 from msae_resources.vlm import GPU_POOL
@@ -24,12 +25,15 @@ def _decorate(store: Store, layer: int, width: int, meta: dict) -> dict:
     return {**meta, "most_frequent_latents_md": markdown_table(rows)}
 
 
+def latent_stats_plan(cfg: MsaeConfig) -> StagePlan:
+    return per_sae_plan("latent_stats", code_version("latent_stats", cfg.latents), ["sae"])
+
+
 def build_latent_stats_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     from msae.latents.stage import run_latent_stats
 
-    version = code_version("latent_stats", cfg.latents)
     return build_per_sae_asset(
-        cfg, name="latent_stats", upstream=["sae"], version=version,
+        cfg, plan=latent_stats_plan(cfg),
         compute=lambda store, layer, width, fp: run_latent_stats(cfg, store, layer, width, fingerprint=fp),
         description="One streaming pass through the SAE → <store>/latents/layer=<L>/width=<W>/ stats.parquet, "
         "top_examples.parquet, cards/*.png and index.html (docs/formats.md).",

@@ -6,6 +6,11 @@ backfill policy is single-run), then the layer × width stages (`sae` and what f
 `--partition "<layer>|<width>"` call per key, so that every key gets its own metadata and check
 results, then the unpartitioned `report`. Used by `make demo` and `.ci/run`.
 
+Before each call the driver asks which of its stages have anything to do
+(:mod:`msae_assets.uptodate`: the stage's manifest and this instance's latest materialization);
+a call with nothing to do is skipped and a call with some is narrowed to those stages and what
+follows them, so a no-op re-run starts no Dagster process. ``--all`` makes every call as it is.
+
 Before the first call, runs left unfinished by a killed process are failed and their pool slots
 released (:mod:`msae_assets.run_health`), so a resume after kill -9 needs no manual step. The
 Dagster processes started here end when this driver ends, however it ends: SIGINT/SIGTERM are
@@ -22,7 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from msae.config import PROJECT_ROOT, MsaeConfig, load_config
+
+if TYPE_CHECKING:
+    from msae_assets.uptodate import CallPlan
 
 MODULE = "msae_assets.definitions"
 PER_SAE_STAGES = ("sae", "latent_stats", "concepts", "concept_scores", "controls")
@@ -118,6 +128,23 @@ def call_label(cmd: list[str]) -> str:
     return selected
 
 
+def call_targets(cmd: list[str], cfg: MsaeConfig) -> tuple[list[str], list[str | None]]:
+    """(the stages a call selects, in order; the Dagster partition keys it covers: None when
+    unpartitioned, every layer for the per-layer range)."""
+    stages = cmd[cmd.index("--select") + 1].split(",")
+    if "--partition" in cmd:
+        return stages, [cmd[cmd.index("--partition") + 1]]
+    if "--partition-range" in cmd:
+        return stages, [str(layer) for layer in cfg.layers]
+    return stages, [None]
+
+
+def with_selection(cmd: list[str], stages: tuple[str, ...]) -> list[str]:
+    """The same call selecting only ``stages``."""
+    i = cmd.index("--select") + 1
+    return [*cmd[:i], ",".join(stages), *cmd[i + 1:]]
+
+
 def stage_outcomes(cmd: list[str]) -> str:
     """"sae computed · latent_stats reused · …" from the latest materialization of each selected
     asset (and partition) in the instance; empty where the instance has none."""
@@ -138,6 +165,29 @@ def stage_outcomes(cmd: list[str]) -> str:
     return " · ".join(parts)
 
 
+class CallJudge:
+    """Decides, call by call, what is left to do (:func:`msae_assets.uptodate.plan_call`)."""
+
+    def __init__(self, cfg: MsaeConfig) -> None:
+        from msae.store import Store
+        from msae_assets.uptodate import stage_plans
+        from msae_resources.vlm import VLMResource
+
+        self.cfg = cfg
+        self.store = Store(cfg.store)
+        # a run that no sensor pinned loads the newest checkpoint: so does this judge (looked up once)
+        self.plans = stage_plans(cfg, VLMResource.from_config(cfg.model, cfg.checkpoints).checkpoint)
+
+    def plan(self, cmd: list[str]) -> CallPlan:
+        import dagster as dg
+
+        from msae_assets.uptodate import plan_call
+
+        stages, keys = call_targets(cmd, self.cfg)
+        with dg.DagsterInstance.get() as instance:  # the CLI's runs write to it between our questions
+            return plan_call(self.store, instance, self.plans, stages, keys)
+
+
 def outputs_summary(cfg: MsaeConfig) -> list[str]:
     """The lines a person reads first: where the report and the latent browsers are."""
     from msae.latents.evidence import latents_dir
@@ -156,6 +206,9 @@ def outputs_summary(cfg: MsaeConfig) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--dry-run", action="store_true", help="print the commands only")
+    parser.add_argument("--all", action="store_true",
+                        help="make every call, also those whose stages are all up to date (each stage then "
+                        "reuses its manifest and records a new materialization)")
     parser.add_argument("--verbose", action="store_true",
                         help="stream Dagster's output at DEBUG level (default: a line per call; each call's "
                         "INFO log goes to a file under $DAGSTER_HOME/msae_logs/)")
@@ -173,13 +226,26 @@ def main(argv: list[str] | None = None) -> int:
     run_config = IN_PROCESS if args.verbose else QUIET
     commands = materialize_commands(cfg, defined, run_config)
     logs = Path(home) / "msae_logs" / time.strftime("%Y%m%d-%H%M%S")
+    judge = None if args.dry_run or args.all else CallJudge(cfg)
+    skipped = 0
     for i, cmd in enumerate(commands, 1):
+        if judge is not None:
+            t0 = time.perf_counter()
+            plan = judge.plan(cmd)
+            if plan.skip:
+                skipped += 1
+                print(f"call {i} of {len(commands)}: {call_label(cmd)} … up to date, skipped "
+                      f"({time.perf_counter() - t0:.1f} s)", flush=True)
+                continue
+            cmd = with_selection(cmd, plan.selected)
+            if args.verbose:
+                print("  to do:", "; ".join(f"{k}: {v}" for k, v in plan.reasons.items()), flush=True)
+        label = f"call {i} of {len(commands)}: {call_label(cmd)}"
         shown = " ".join(cmd[1:]).replace(run_config, f"'{run_config}'")
         if args.dry_run or args.verbose:
             print("+", shown, flush=True)
         if args.dry_run:
             continue
-        label = f"call {i} of {len(commands)}: {call_label(cmd)}"
         log_path = None if args.verbose else logs / f"{i:02d}.log"
         if log_path is not None:
             log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label} … {stage_outcomes(cmd)} ({took})", flush=True)
     if args.dry_run:
         return 0
+    if skipped == len(commands):
+        print("\nEverything was up to date: no Dagster run started (--all makes every call).")
     print(f"\nDone. Outputs under: {cfg.store}\nDagster instance (history, UI): {home}"
           + ("" if args.verbose else f"\nLogs of this call: {logs}"))
     print("\n".join(outputs_summary(cfg)))

@@ -9,7 +9,7 @@ from msae.config import MsaeConfig
 from msae.manifest import upstream_version
 from msae.store import Store
 from msae_assets.partitions import layer_width_partitions
-from msae_assets.stage import run_stage, to_dagster_metadata
+from msae_assets.stage import STAMP, StagePlan, run_stage, to_dagster_metadata
 
 Compute = Callable[[Store, int, int, str], tuple[str, dict[str, Any]]]
 """(store, layer, width, fingerprint) -> (data version, metadata)."""
@@ -22,8 +22,19 @@ def sae_partition(context: dg.AssetExecutionContext) -> tuple[int, int]:
     return int(keys["layer"]), int(keys["width"])
 
 
+def sae_folder(layer: int, width: int) -> str:
+    """The store's form of a layer × width partition (its manifests' and outputs' sub-folder)."""
+    return f"layer={layer}/width={width}"
+
+
+def per_sae_plan(name: str, version: str, upstream: Sequence[str]) -> StagePlan:
+    """A layer × width stage reads the same partition of each upstream stage."""
+    return StagePlan(name, version, tuple(upstream),
+                     lambda store, part: {u: upstream_version(store, u, part) for u in upstream})
+
+
 def build_per_sae_asset(
-    cfg: MsaeConfig, *, name: str, upstream: list[str], version: str, compute: Compute, description: str,
+    cfg: MsaeConfig, *, plan: StagePlan, compute: Compute, description: str,
     group: str, kinds: set[str], decorate: Callable[[Store, int, int, dict], dict] | None = None,
     check_specs: Sequence[dg.AssetCheckSpec] = (), checks: Checks | None = None, pool: str | None = None,
 ) -> dg.AssetsDefinition:
@@ -35,7 +46,9 @@ def build_per_sae_asset(
     materialization (also when the manifest is reused), so their results always describe the output.
     """
 
-    @dg.asset(name=name, code_version=version, partitions_def=layer_width_partitions(cfg), deps=upstream,
+    name, version = plan.stage, plan.code_version
+
+    @dg.asset(name=name, code_version=version, partitions_def=layer_width_partitions(cfg), deps=list(plan.upstream),
               description=description, kinds=kinds, group_name=group, check_specs=list(check_specs),
               pool=pool)
     def _asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -43,11 +56,11 @@ def build_per_sae_asset(
 
         store = Store(cfg.store)
         layer, width = sae_partition(context)
-        part = f"layer={layer}/width={width}"
-        inputs = {u: upstream_version(store, u, part) for u in upstream}
+        part = sae_folder(layer, width)
+        inputs = plan.inputs(store, part)
         fp = fingerprint(version, inputs)
         m = run_stage(context, store, name, version, inputs, lambda: compute(store, layer, width, fp), partition=part)
-        meta = dict(m.metadata)
+        meta = {**m.metadata, STAMP: plan.stamp(fp)}
         results = checks(meta) if checks is not None else []
         if decorate is not None:
             meta = decorate(store, layer, width, meta)

@@ -9,16 +9,29 @@ import dagster as dg
 from msae.config import MsaeConfig
 from msae.manifest import upstream_version
 from msae.store import Store
-from msae_assets.stage import markdown_table, run_stage, to_dagster_metadata
+from msae_assets.per_sae import sae_folder
+from msae_assets.stage import STAMP, StagePlan, markdown_table, run_stage, to_dagster_metadata
 from msae_assets.versions import code_version
 
 
+def report_plan(cfg: MsaeConfig) -> StagePlan:
+    """The report reads every layer × width partition of the scores (and the controls)."""
+    upstream = ("concept_scores", *(("controls",) if cfg.controls.enabled else ()))
+
+    def inputs(store: Store, _partition: str | None) -> dict[str, str]:
+        return {f"{name}[{layer}|{width}]": upstream_version(store, name, sae_folder(layer, width))
+                for name in upstream for layer in cfg.layers for width in cfg.widths}
+
+    return StagePlan("report", code_version("report", cfg.scores, cfg.explainer.prompting, cfg.layers, cfg.widths),
+                     upstream, inputs)
+
+
 def build_report_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
-    version = code_version("report", cfg.scores, cfg.explainer.prompting, cfg.layers, cfg.widths)
+    plan = report_plan(cfg)
+    version = plan.code_version
     with warnings.catch_warnings():  # AllPartitionMapping on an unpartitioned asset: beta in 1.13
         warnings.simplefilter("ignore")
-        deps = [dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping())
-                for name in ("concept_scores", *(("controls",) if cfg.controls.enabled else ()))]
+        deps = [dg.AssetDep(name, partition_mapping=dg.AllPartitionMapping()) for name in plan.upstream]
 
     @dg.asset(name="report", code_version=version, deps=deps, group_name="report", kinds={"html"},
               description="Census, quality, FVU per modality, threshold ablation, ground-truth evaluation, "
@@ -27,9 +40,7 @@ def build_report_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         from msae.report.build import build_report
 
         store = Store(cfg.store)
-        inputs = {f"{dep.asset_key.to_user_string()}[{layer}|{width}]": upstream_version(
-            store, dep.asset_key.to_user_string(), f"layer={layer}/width={width}")
-            for dep in deps for layer in cfg.layers for width in cfg.widths}
+        inputs = plan.inputs(store, None)
 
         def compute() -> tuple[str, dict]:
             s = build_report(cfg, store)
@@ -37,7 +48,7 @@ def build_report_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
             return digest, _metadata(s)
 
         m = run_stage(context, store, "report", version, inputs, compute)
-        meta = {**m.metadata, "index_path": store.url("report", "index.html")}
+        meta = {**m.metadata, "index_path": store.url("report", "index.html"), STAMP: plan.stamp(m.fingerprint)}
         if store.exists("report", "quality.png"):
             png = base64.b64encode(store.read_bytes("report", "quality.png")).decode()
             meta["quality_plot_md"] = f"![quality](data:image/png;base64,{png})"

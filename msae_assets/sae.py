@@ -15,7 +15,8 @@ from msae.config import MsaeConfig
 from msae.manifest import upstream_version
 from msae.store import Store
 from msae_assets.partitions import layer_width_partitions
-from msae_assets.stage import markdown_table, run_stage, to_dagster_metadata
+from msae_assets.per_sae import sae_folder
+from msae_assets.stage import STAMP, StagePlan, markdown_table, run_stage, to_dagster_metadata
 from msae_assets.versions import code_version
 from msae_resources.vlm import GPU_POOL, VLMResource
 
@@ -29,6 +30,18 @@ def sae_code_version(cfg: MsaeConfig) -> str:
     return code_version("sae", cfg.sae.model_dump(mode="json", exclude=CHECK_FIELDS))
 
 
+def sae_plan(cfg: MsaeConfig) -> StagePlan:
+    """One layer × width SAE reads its layer's activations; the check bounds are in the stamp only."""
+    return StagePlan("sae", sae_code_version(cfg), ("activations",),
+                     lambda store, part: {"activations": upstream_version(store, "activations", _layer_of(part))},
+                     check_config=cfg.sae.model_dump(include=CHECK_FIELDS))
+
+
+def _layer_of(part: str | None) -> str:
+    """"layer=1/width=256" → "1" (the activations' partition)."""
+    return str(part).split("/")[0].removeprefix("layer=")
+
+
 def sae_checks(cfg: MsaeConfig, meta: dict) -> list[dg.AssetCheckResult]:
     """Pass/fail of the two bounds, from the stage's metrics (NaN fails)."""
     bounds = {"fvu": ("fvu", cfg.sae.check_max_fvu), "dead_fraction": ("dead_fraction", cfg.sae.check_max_dead_fraction)}
@@ -38,7 +51,8 @@ def sae_checks(cfg: MsaeConfig, meta: dict) -> list[dg.AssetCheckResult]:
 
 
 def build_sae_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
-    version = sae_code_version(cfg)
+    plan = sae_plan(cfg)
+    version = plan.code_version
     partitions = layer_width_partitions(cfg)
     uses_vlm = cfg.sae.loss_samples > 0
     with warnings.catch_warnings():  # partitioned checks and this mapping are preview/beta in 1.13
@@ -79,9 +93,10 @@ def build_sae_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
             return r.data_version, {"path": r.path, "layer": layer, "width": width, "source": r.source,
                                     **r.metrics(), **{k: v for k, v in r.train.items() if v is not None}}
 
-        inputs = {"activations": upstream_version(store, "activations", str(layer))}
-        m = run_stage(context, store, "sae", version, inputs, compute, partition=f"layer={layer}/width={width}")
-        meta = dict(m.metadata)
+        part = sae_folder(layer, width)
+        inputs = plan.inputs(store, part)
+        m = run_stage(context, store, "sae", version, inputs, compute, partition=part)
+        meta = {**m.metadata, STAMP: plan.stamp(m.fingerprint)}
         meta["metrics_md"] = markdown_table([{"metric": k, "value": f"{meta[k]:.4g}"} for k in TABLE_KEYS if k in meta])
         if store.exists(folder, CURVE):
             png = base64.b64encode(store.read_bytes(folder, CURVE)).decode()

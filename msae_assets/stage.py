@@ -6,7 +6,8 @@ Reuse is a checked cache (the recorded outputs must exist and match their checks
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -17,6 +18,38 @@ from msae.runtime import apply_threads, executor_concurrency
 from msae.store import Store
 from msae.store_lock import stage_lock
 from msae_assets.run_health import tag_run_process
+
+
+STAMP = "stamp"
+"""Metadata key of every materialization: the :meth:`StagePlan.stamp` it was made under."""
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What decides whether one stage's partition is up to date, owned in one place for the asset
+    that computes it and for the driver (:mod:`msae_assets.uptodate`) that decides, before a CLI
+    call, whether the call has anything to do — so the two never disagree.
+
+    ``inputs(store, partition)`` gives the data versions the stage reads (``partition`` in the
+    store's form, e.g. ``"layer=1/width=256"``; it raises while an upstream stage has no output).
+    ``check_config``: settings that decide the stage's asset checks but not its outputs (kept out of
+    the code version so that changing a bound never recomputes): they are part of the stamp, so a
+    changed bound still re-evaluates the checks."""
+
+    stage: str
+    code_version: str
+    upstream: tuple[str, ...]
+    inputs: Callable[[Store, str | None], dict[str, str]]
+    check_config: Mapping[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self, store: Store, partition: str | None = None) -> str:
+        """The fingerprint the stage's manifest must carry to be reused."""
+        return fingerprint(self.code_version, self.inputs(store, partition))
+
+    def stamp(self, fp: str) -> str:
+        """What a materialization records (:data:`STAMP`): the fingerprint, plus the check settings."""
+        return fp if not self.check_config else fingerprint(fp, {f"check:{k}": repr(v)
+                                                                  for k, v in self.check_config.items()})
 
 
 def run_stage(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from unittest import mock
 
 import dagster as dg
 import numpy as np
@@ -23,6 +26,14 @@ from msae_assets.definitions import build_definitions
 
 def _assets(defs: dg.Definitions) -> dict[str, dg.AssetsDefinition]:
     return {a.key.to_user_string(): a for a in defs.assets}
+
+
+@contextlib.contextmanager
+def _instance(env: dict[str, str]) -> Iterator[dg.DagsterInstance]:
+    """The CLI runs' instance (their DAGSTER_HOME, which its dagster.yaml reads), from this process."""
+    with mock.patch.dict(os.environ, {"DAGSTER_HOME": env["DAGSTER_HOME"]}), \
+            dg.DagsterInstance.from_config(env["DAGSTER_HOME"]) as instance:
+        yield instance
 
 
 def _materialize(defs, names, instance, partition=None) -> dg.ExecuteInProcessResult:
@@ -160,9 +171,38 @@ def test_cli_materializes_everything_and_is_resumable(tiny_config_data, tmp_path
     store = Store(tiny_config_data["store"])
     assert store.exists(store.SAMPLES) and store.exists(store.TOKENS)
     first = {layer: load_manifest(store, "activations", str(layer)) for layer in (0, 2)}
-    # a second CLI run finds every manifest current and recomputes nothing
+    # a second CLI run finds every manifest current and recorded: it starts no Dagster run at all
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # no time limit: a busy machine is slow, not wrong
     assert out.returncode == 0, out.stderr[-3000:]
     calls = [line for line in out.stdout.splitlines() if line.startswith("call ")]
-    assert len(calls) == 5 and all("computed" not in c and "reused" in c for c in calls), calls
+    assert len(calls) == 5 and all("up to date, skipped" in c for c in calls), calls
+    assert "no Dagster run started" in out.stdout
     assert {layer: load_manifest(store, "activations", str(layer)) for layer in (0, 2)} == first
+    # a check bound is outside every code version: only `sae` is called again (its checks re-evaluated,
+    # its manifest reused); what follows it is judged on its own and stays skipped
+    with _instance(env) as instance:
+        before = instance.get_run_records()
+    cfg_path.write_text(yaml.safe_dump({**tiny_config_data, "sae": {**tiny_config_data.get("sae", {}),
+                                                                      "check_max_fvu": 0.999}}))
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # no time limit: a busy machine is slow, not wrong
+    assert out.returncode == 0, out.stderr[-3000:]
+    calls = [line.split(" … ") for line in out.stdout.splitlines() if line.startswith("call ")]
+    assert [c[0] for c in calls] == ["call 1 of 5: vqa_samples", "call 2 of 5: 0...2 activations",
+                                     "call 3 of 5: 0|16 sae", "call 4 of 5: 2|16 sae", "call 5 of 5: report"]
+    assert [c[1].split(" (")[0] for c in calls] == ["up to date, skipped", "up to date, skipped", "sae reused",
+                                                   "sae reused", "up to date, skipped"]
+    with _instance(env) as instance:
+        assert len(instance.get_run_records()) == len(before) + 2
+
+
+@pytest.mark.parametrize("profile", ["embedded", "paper"])
+def test_a_config_and_its_dump_have_the_same_code_versions(profile):
+    """A dumped config (benchmarks, MSAE_CONFIG files) must not look like an edit: defaults go
+    through the validators that normalise values read from a file."""
+    from msae.config import load_config
+    from msae_assets.uptodate import stage_plans
+
+    cfg = load_config(profile=profile)
+    dumped = parse_config(yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))))
+    versions = {k: p.code_version for k, p in stage_plans(cfg, lambda: None).items()}
+    assert versions == {k: p.code_version for k, p in stage_plans(dumped, lambda: None).items()}
