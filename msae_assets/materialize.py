@@ -26,7 +26,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from msae.config import PROJECT_ROOT, MsaeConfig, load_config
