@@ -21,10 +21,12 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-## Materialize the whole embedded-default pipeline into the project's Dagster instance.
+## Materialize the whole embedded-default pipeline into the project's Dagster instance
+## (DEMO_ARGS=--cli: each call through `dagster asset materialize`, as .ci/run does).
+DEMO_ARGS ?=
 demo: install
 	mkdir -p $(DAGSTER_HOME)
-	$(PY) -m msae_assets.materialize
+	$(PY) -m msae_assets.materialize $(DEMO_ARGS)
 
 ## Run the test suite.
 test: install

@@ -102,9 +102,10 @@ def stage_outputs(stage: str, partition: str | None = None) -> list[str]:
         from msae.report.build import REPORT
 
         return [f"{REPORT}/"]
-    if stage not in ("sae", "latent_stats", "concepts", "concept_scores", "controls"):
+    if stage not in ("sae", "latent_stats", "concepts", "concept_scores", "controls", "controls_stats",
+                     "controls_evidence"):
         return []
-    from msae.controls import CONTROL_ROOT, ORACLE_ROOT
+    from msae.controls import CONTROL_ROOT, EVIDENCE_STAGE, ORACLE_ROOT, STATS_STAGE
     from msae.explain.stage import PROPOSALS, concepts_folder
     from msae.latents.evidence import latents_dir
 
@@ -120,6 +121,10 @@ def stage_outputs(stage: str, partition: str | None = None) -> list[str]:
         from msae.score.stage import CONCEPTS, GROUND_TRUTH
 
         return [f"{concepts}/{CONCEPTS}", f"{concepts}/{GROUND_TRUTH}"]
+    if stage == STATS_STAGE:  # the controls' cached levels (msae.controls); `controls` records all of it
+        return [f"{CONTROL_ROOT}/{sae}/", f"{CONTROL_ROOT}/{latents}/"]
+    if stage == EVIDENCE_STAGE:
+        return [f"{CONTROL_ROOT}/{concepts}/{PROPOSALS}", f"{ORACLE_ROOT}/{concepts}/{PROPOSALS}"]
     return [f"{CONTROL_ROOT}/{sae}/", f"{CONTROL_ROOT}/{latents}/", f"{CONTROL_ROOT}/{concepts}/",
             f"{ORACLE_ROOT}/{concepts}/"]
 

@@ -48,6 +48,11 @@ class Manifest:
     (an old manifest). :func:`save_manifest` fills it when left None."""
 
 
+def layer_width_folder(layer: int, width: int) -> str:
+    """The store's form of a layer × width partition (its manifests' and outputs' sub-folder)."""
+    return f"layer={layer}/width={width}"
+
+
 def manifest_name(stage: str, partition: str | None = None) -> str:
     return f"{MANIFEST_DIR}/{stage}.json" if partition is None else f"{MANIFEST_DIR}/{stage}/{partition}.json"
 

@@ -6,7 +6,7 @@ from typing import Any
 import dagster as dg
 
 from msae.config import MsaeConfig
-from msae.manifest import upstream_version
+from msae.manifest import layer_width_folder, upstream_version
 from msae.store import Store
 from msae_assets.partitions import layer_width_partitions
 from msae_assets.stage import STAMP, StagePlan, run_stage, to_dagster_metadata
@@ -24,7 +24,7 @@ def sae_partition(context: dg.AssetExecutionContext) -> tuple[int, int]:
 
 def sae_folder(layer: int, width: int) -> str:
     """The store's form of a layer × width partition (its manifests' and outputs' sub-folder)."""
-    return f"layer={layer}/width={width}"
+    return layer_width_folder(layer, width)
 
 
 def per_sae_plan(name: str, version: str, upstream: Sequence[str]) -> StagePlan:

@@ -67,3 +67,59 @@ def test_world_seeds_must_be_disjoint_and_name_the_run():
         _cfg(dataset={"kind": "shapes", "shapes": {"seed": 7}}, world_seeds=seeds)
     with pytest.raises(ConfigError, match="share seeds"):
         _cfg(dataset={"kind": "shapes", "shapes": {"seed": 1234}}, world_seeds={**seeds, "calibration": 2})
+
+
+def _controls_meta(result) -> dict:
+    return {k: v.value for k, v in result.asset_materializations_for_node("controls")[-1].metadata.items()}
+
+
+@pytest.mark.slow
+def test_controls_reuse_their_evidence_by_level(tiny_config_data, tmp_path):
+    """What the controls explain is cached apart from how they are scored: a threshold edit re-runs
+    only their scores, a prompt edit their concepts too (never the random SAE's statistics), and a
+    damaged statistics file is rebuilt, not read (concepts are keyed by the statistics' content)."""
+    import copy
+    import shutil
+
+    import dagster as dg
+
+    from msae.config import PROJECT_ROOT
+    from msae.explain.stage import PROPOSALS, concepts_folder
+    from msae.latents.stage import STATS, latents_folder
+    from msae.score.stage import CONCEPTS
+    from pipeline_helpers import materialize_ok
+
+    data = {**copy.deepcopy(tiny_config_data), "layers": [0]}
+    part, stages = "0|16", ["sae", "latent_stats", "concepts", "concept_scores", "controls"]
+    cstore = ControlStore(Store(data["store"]).root)
+    with dg.instance_for_test() as instance:
+        materialize_ok(data, instance, ["vqa_samples"])
+        materialize_ok(data, instance, ["activations"], "0")
+        first = _controls_meta(materialize_ok(data, instance, stages, part))
+        assert first["reused"] is False and first["stats_reused"] is False and first["concepts_reused"] is False
+        stats = cstore.read_bytes(latents_folder(0, 16), STATS)
+        proposals = cstore.read_bytes(concepts_folder(0, 16), PROPOSALS)
+        labels = cstore.read_parquet(concepts_folder(0, 16), CONCEPTS)
+
+        loose = copy.deepcopy(data)
+        loose["scores"] = {**loose["scores"], "visual_threshold": 0.0, "textual_threshold": 0.0}
+        meta = _controls_meta(materialize_ok(loose, instance, ["controls"], part))
+        assert meta["reused"] is False and meta["stats_reused"] is True and meta["concepts_reused"] is True
+        assert cstore.read_bytes(concepts_folder(0, 16), PROPOSALS) == proposals  # not explained again
+        relabelled = cstore.read_parquet(concepts_folder(0, 16), CONCEPTS)
+        assert relabelled["latent"].to_list() == labels["latent"].to_list()
+        assert (relabelled["modality"] != "none").sum() >= (labels["modality"] != "none").sum()
+
+        templates = tmp_path / "templates"
+        shutil.copytree(PROJECT_ROOT / "msae" / "explain" / "templates", templates)
+        (templates / "visual_masked.txt").write_text((templates / "visual_masked.txt").read_text() + "\nOne word.\n")
+        edited = {**loose, "explainer": {**loose.get("explainer", {}), "prompt_dir": str(templates)}}
+        meta = _controls_meta(materialize_ok(edited, instance, ["concepts", "concept_scores", "controls"], part))
+        assert meta["stats_reused"] is True and meta["concepts_reused"] is False
+        assert cstore.read_bytes(latents_folder(0, 16), STATS) == stats
+
+        cstore.fs.rm(cstore.path(latents_folder(0, 16), STATS))  # damage: the recorded file is gone
+        meta = _controls_meta(materialize_ok(edited, instance, ["controls"], part))
+        assert meta["stats_reused"] is False
+        assert cstore.read_bytes(latents_folder(0, 16), STATS) == stats  # seeded: the same statistics again,
+        assert meta["concepts_reused"] is True  # so the concepts keyed by their content stand

@@ -154,13 +154,14 @@ def test_cli_materializes_everything_and_is_resumable(tiny_config_data, tmp_path
     env = {**os.environ, "MSAE_CONFIG": str(cfg_path), "DAGSTER_HOME": str(tmp_path / "dagster_home")}
     env.pop("MSAE_STORE", None)
     cmd = [sys.executable, "-m", "msae_assets.materialize"]
-    # kill -9 of everything while the first SAE trains: its run stays STARTED holding the gpu pool's
-    # only slot; the next plain call must fail it, release the slot and finish (no manual step)
+    # kill -9 of the driver (its runs are in-process) while the first SAE trains: its run stays
+    # STARTED holding the gpu pool's only slot; the next call — here with the Dagster CLI, as CI
+    # makes it — must fail it, release the slot and finish (no manual step)
     _kill_when([*cmd, "--verbose"], env, tmp_path / "killed.log", 'Started execution of step "sae"')
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # no time limit: a busy machine is slow, not wrong
+    out = subprocess.run([*cmd, "--cli"], env=env, capture_output=True, text=True)  # no time limit: a busy machine is slow, not wrong
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "was dead: marked failed, pool slots released" in out.stdout
-    # quiet by default: a line per CLI call, then where the report and latent browsers are
+    # quiet by default: a line per call, then where the report and latent browsers are
     calls = [line for line in out.stdout.splitlines() if line.startswith("call ")]
     per_sae = "sae,latent_stats,concepts,concept_scores,controls"
     assert [c.split(" … ")[0] for c in calls] == [
@@ -171,7 +172,8 @@ def test_cli_materializes_everything_and_is_resumable(tiny_config_data, tmp_path
     store = Store(tiny_config_data["store"])
     assert store.exists(store.SAMPLES) and store.exists(store.TOKENS)
     first = {layer: load_manifest(store, "activations", str(layer)) for layer in (0, 2)}
-    # a second CLI run finds every manifest current and recorded: it starts no Dagster run at all
+    # a second run (in this process: the default) finds every manifest current and recorded: it
+    # starts no Dagster run at all
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)  # no time limit: a busy machine is slow, not wrong
     assert out.returncode == 0, out.stderr[-3000:]
     calls = [line for line in out.stdout.splitlines() if line.startswith("call ")]

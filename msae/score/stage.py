@@ -36,6 +36,7 @@ import numpy as np
 import polars as pl
 
 from msae.config import MsaeConfig
+from msae.manifest import layer_width_folder
 from msae.score.classify import LABEL_FIELDS, label_frame
 from msae.score.quality import (auroc, baseline_score, candidate_concepts, concept_category, contrastive_score,
                                 draw_excluding, mask_balanced_split, normalise_concept, visual_image_scores,
@@ -522,7 +523,7 @@ def population_key(cfg: MsaeConfig, store: Any, layer: int, width: int, files: d
         "embedders": cfg.embedders.model_dump(mode="json", include={"image_text", "text"}),
         "text_include_template": cfg.latents.text_include_template,
         "images": cfg.dataset.model_dump(mode="json", include=IMAGE_FIELDS),
-        "sae": _stage_digest(store, "sae", f"layer={layer}/width={width}"),
+        "sae": _stage_digest(store, "sae", layer_width_folder(layer, width)),
         "activations": _stage_digest(store, "activations", str(layer)),
         "files": {k: files[k] for k in ("proposals", "samples", "tokens")},
     })
@@ -535,7 +536,7 @@ def ground_truth_key(cfg: MsaeConfig, store: Any, layer: int, width: int) -> str
 
     return _key({
         "revision": SCORES_REVISION, "scores": cfg.scores.model_dump(mode="json", include=_gt_fields()),
-        "sae": _stage_digest(store, "sae", f"layer={layer}/width={width}"),
+        "sae": _stage_digest(store, "sae", layer_width_folder(layer, width)),
         "activations": _stage_digest(store, "activations", str(layer)),  # the layer's zarr and tokens.parquet
         "files": {"samples": _digest(store, Store.SAMPLES), "annotations": _digest(store, "world", "annotations.parquet")},
     })
