@@ -27,7 +27,10 @@ demo``) on the calibration world into its own store, then chooses, in this order
 Between the two, **concept selection** (``scores.select_by_detection``, ``selection_tolerance``;
 :mod:`msae.score.population`): off, or on at each of :data:`SELECTION_TOLERANCES`; the candidate
 with the highest exact concept match of the ground-truth-grounded latents, pooled, wins (ties:
-the earlier candidate, so off, then the smaller tolerance).
+the earlier candidate, so off, then the smaller tolerance). With selection on, the textual
+readings may then also take the latent's most frequent strong words
+(``scores.selection_population_words``, each of :data:`SELECTION_POPULATION_WORDS` at the chosen
+tolerance; ties: the earlier, so none).
 
 The result, with every candidate's figure, is written to ``data/calibration/embedded.json``; the
 embedded profile carries the chosen values (a test checks that they agree).
@@ -64,6 +67,8 @@ MIN_CLASS_SUPPORT = 10
 class of one latent is 1/k of a macro-F1 over k classes, and chasing it moves every threshold
 (the calibration world has one ground-truth multimodal latent)."""
 SELECTION_TOLERANCES: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
+SELECTION_POPULATION_WORDS: tuple[int, ...] = (0, 1, 3)
+"""``scores.selection_population_words`` candidates, tried at the chosen tolerance (0 first: ties keep it off)."""
 """``scores.selection_tolerance`` values tried (with selection off as the first candidate)."""
 MIN_POSITIVES_GRID: tuple[int, ...] = (5, 10, 20, 40)
 """``scores.population_min_positives`` values swept."""
@@ -250,18 +255,30 @@ def selection_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, int]
     mode = cfg.explainer.prompting[0]
     inputs = [(store.read_parquet(concepts_folder(*k), PROPOSALS),
                store.read_parquet(concepts_folder(*k), GROUND_TRUTH)) for k in keys]
-    rows = [{"select_by_detection": False, "selection_tolerance": cfg.scores.selection_tolerance,
-             **exact_match(inputs, mode)}]
-    for tol in SELECTION_TOLERANCES:
+    def selected(tol: float, words: int) -> dict[str, Any]:
         scfg = cfg.model_copy(update={"scores": cfg.scores.model_copy(
-            update={"select_by_detection": True, "selection_tolerance": tol})})
+            update={"select_by_detection": True, "selection_tolerance": tol, "selection_population_words": words})})
         frames = [(score_population(scfg, store, *k, prop, image_text, text)[0], gt)
                   for k, (prop, gt) in zip(keys, inputs)]
-        rows.append({"select_by_detection": True, "selection_tolerance": tol, **exact_match(frames, mode)})
-    for r in rows:
-        print(f"concept selection {r['select_by_detection']} / {r['selection_tolerance']}: "
-              f"exact match {r['exact_match']:.3f} (n={r['n']})", flush=True)
+        row = {"select_by_detection": True, "selection_tolerance": tol, "selection_population_words": words,
+               **exact_match(frames, mode)}
+        print(f"concept selection on / {tol} / {words} population words: exact match {row['exact_match']:.3f} "
+              f"(n={row['n']})", flush=True)
+        return row
+
+    rows = [{"select_by_detection": False, "selection_tolerance": cfg.scores.selection_tolerance,
+             "selection_population_words": 0, **exact_match(inputs, mode)}]
+    print(f"concept selection off: exact match {rows[0]['exact_match']:.3f} (n={rows[0]['n']})", flush=True)
+    rows += [selected(tol, 0) for tol in SELECTION_TOLERANCES]
+    best = best_selection(rows)
+    if best["select_by_detection"]:
+        rows += [selected(best["selection_tolerance"], w) for w in SELECTION_POPULATION_WORDS if w]
     return rows
+
+
+def best_selection(rows: list[dict]) -> dict:
+    """The highest exact match; ties: the earlier row."""
+    return max(rows, key=lambda r: (np.nan_to_num(r["exact_match"], nan=-1.0), -rows.index(r)))
 
 
 def text_window_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, int]]) -> list[dict]:
@@ -320,9 +337,10 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         _materialize(cfg_path)
         cfg = parse_config(data)
     selection = selection_candidates(cfg, store, keys)
-    best_sel = max(selection, key=lambda r: (np.nan_to_num(r["exact_match"], nan=-1.0), -selection.index(r)))
+    best_sel = best_selection(selection)
     data["scores"] = {**data.get("scores", {}), "select_by_detection": best_sel["select_by_detection"],
-                      "selection_tolerance": best_sel["selection_tolerance"]}
+                      "selection_tolerance": best_sel["selection_tolerance"],
+                      "selection_population_words": best_sel["selection_population_words"]}
     cfg = parse_config(data)
     windows = text_window_candidates(cfg, store, keys)
     best_w = max(windows, key=lambda r: (r["best"]["macro_f1"], -windows.index(r)))
@@ -336,6 +354,7 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
                    "embedders.text_window_context": best_w["text_window_context"],
                    "scores.select_by_detection": best_sel["select_by_detection"],
                    "scores.selection_tolerance": best_sel["selection_tolerance"],
+                   "scores.selection_population_words": best_sel["selection_population_words"],
                    **{f"scores.{k}": best_t[k] for k in LABEL_RULE_KEYS}},
         "evidence_candidates": evidence,
         "selection_candidates": selection,

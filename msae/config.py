@@ -523,6 +523,12 @@ class ScoresConfig(_Section):
     selection_tolerance: float = Field(
         0.02, ge=0, le=1, description="Concept selection: readings within this much of the best detection AUROC "
         "count as tied and the one with the fewest words wins.")
+    selection_population_words: int = Field(
+        0, ge=0, description="Concept selection, textual: also offer as readings the this-many most frequent words "
+        "among the tokens the latent fires strongly on over the detection population (the 'top tokens' list of "
+        "SAE dashboards; 0: off). A latent whose few largest activations sit on one word (its top texts all "
+        "peak there) but whose strong activations mostly sit on another is then named by the latter when it "
+        "detects better. Only where the explainer proposed a textual concept.")
     population_samples: int = Field(
         2000, gt=0, description="Population detection: samples (a seeded subset) whose images and text tokens are "
         "the detection population.")

@@ -214,3 +214,52 @@ def test_gate_passes_text_through_either_route():
     assert classify_frame(precise, 0.9, 0.9, by_precision).to_list() == ["mixed"]
     assert classify_frame(precise, 0.9, 0.9, PopulationGate(0.8, 0.0, 20, 0.0, 0.9)).to_list() == ["visual"]  # 0.85 < 0.9
     assert classify_frame(precise, 0.9, 0.9, PopulationGate(0.8, 0.0, 60, 0.0, 0.8)).to_list() == ["none"]  # 50 < 60
+
+
+def _answer_position_world():
+    """Latent 0's largest activations (9.0) sit on three answer positions, so its top texts all
+    peak there, but most of its strong activations (≥ half the largest) sit on 'and' (5.0 on each
+    of 12). Latent 1 fires on the answer positions only."""
+    words = ["<answer position>", "and", "red", "the"] * 12
+    ap = [i for i, w in enumerate(words) if w == "<answer position>"]
+    conj = [i for i, w in enumerate(words) if w == "and"]
+    items = np.array([*ap[:3], *conj, *ap])
+    latents = np.array([0] * 3 + [0] * len(conj) + [1] * len(ap))
+    values = np.array([9.0] * 3 + [5.0] * len(conj) + [4.0] * len(ap))
+    texts = SparseColumns.from_triplets(len(words), 2, items, latents, values)
+    images = SparseColumns.from_triplets(1, 2, np.zeros(0, int), np.zeros(0, int), np.zeros(0))
+    pop = Population.with_words(images, ["img0.png"], texts, words)
+    wemb = np.eye(4)[: len(pop.vocab)]  # one direction per word: each word is only similar to itself
+    concept = {w: wemb[i] for i, w in enumerate(pop.vocab)}
+    return pop, wemb, concept
+
+
+def test_strong_words_are_the_most_frequent_words_of_the_strong_tokens():
+    from msae.score.population import strong_words
+
+    pop, _, _ = _answer_position_world()
+    assert strong_words(pop, 0, 0.5, 1) == ["and"]  # 12 'and' against 3 answer positions
+    assert strong_words(pop, 0, 0.5, 3) == ["and", "<answer position>"]  # only words it fires on
+    assert strong_words(pop, 0, 0.6, 3) == ["<answer position>"]  # 5.0 < 0.6 × 9.0
+    assert strong_words(pop, 1, 0.5, 2) == ["<answer position>"]
+    assert strong_words(pop, 0, 0.5, 0) == []
+
+
+def test_selection_names_a_latent_by_its_strong_words_only_when_asked():
+    from msae.score.population import select_by_detection
+
+    pop, wemb, concept = _answer_position_world()
+    proposals = pl.DataFrame({"latent": [0, 1], "prompting": ["masked"] * 2,
+                              "visual_concept": [None, None], "textual_concept": ["<answer position>"] * 2,
+                              "visual_candidates": [[], []], "textual_candidates": [[], []]},
+                             schema_overrides={"visual_concept": pl.Utf8})
+    img = np.zeros((0, 4))
+    off = select_by_detection(proposals, pop, img, wemb, {}, concept, 0.5, 0.05)
+    assert off["textual_concept"].to_list() == ["<answer position>"] * 2  # the peak words' concept
+    on = select_by_detection(proposals, pop, img, wemb, {}, concept, 0.5, 0.05, population_words=1)
+    # latent 0: 'and' detects its strong tokens (12 of 15) better than the answer position (3 of 15)
+    assert on["textual_concept"].to_list() == ["and", "<answer position>"]
+    assert on["textual_concept_proposed"].to_list() == ["<answer position>"] * 2
+    none = proposals.with_columns(pl.lit(None, pl.Utf8).alias("textual_concept"))
+    assert select_by_detection(none, pop, img, wemb, {}, concept, 0.5, 0.05, population_words=1)[
+        "textual_concept"].to_list() == [None, None]  # no answer, no candidate

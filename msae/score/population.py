@@ -253,6 +253,17 @@ def population_scores(proposals: pl.DataFrame, population: Population, image_emb
     return pl.DataFrame(rows, schema=schema)
 
 
+def strong_words(population: Population, latent: int, fraction: float, n: int) -> list[str]:
+    """The ``n`` most frequent words among the textual items the latent fires strongly on (ties: the
+    word seen first in the population); pure."""
+    strong = population.texts.strong(latent, fraction)
+    if n <= 0 or not len(strong):
+        return []
+    counts = np.bincount(population.word_ids[strong], minlength=len(population.vocab))
+    order = np.argsort(-counts, kind="stable")[:n]
+    return [population.vocab[i] for i in order if counts[i] > 0]
+
+
 def readings(concept: str | None, candidates: Sequence[str] | None, kind: str) -> list[str]:
     """The normalised readings of one answer: its concept, the explainer's candidates, then the
     content phrases inside the concept (visual: without function words), each once."""
@@ -278,9 +289,10 @@ def choose_reading(options: Sequence[str], aurocs: Sequence[float], tolerance: f
 def select_by_detection(proposals: pl.DataFrame, population: Population, image_emb: np.ndarray,
                         word_emb: np.ndarray, concept_image: dict[str, np.ndarray],
                         concept_text: dict[str, np.ndarray], strong_fraction: float,
-                        tolerance: float) -> pl.DataFrame:
+                        tolerance: float, population_words: int = 0) -> pl.DataFrame:
     """The proposals with each concept replaced by its best-detecting reading (module doc) and the
-    explainer's own kept as ``visual_concept_proposed`` / ``textual_concept_proposed``; pure."""
+    explainer's own kept as ``visual_concept_proposed`` / ``textual_concept_proposed``; pure.
+    ``population_words``: textual readings also include that many :func:`strong_words`."""
     out: dict[str, list[str | None]] = {"visual_concept": [], "textual_concept": []}
     counts = np.bincount(population.word_ids, minlength=len(population.vocab)).astype(np.float64)
     for r in proposals.iter_rows(named=True):
@@ -288,6 +300,9 @@ def select_by_detection(proposals: pl.DataFrame, population: Population, image_e
         for kind, emb, table, cols in (("visual", image_emb, concept_image, population.images),
                                        ("textual", word_emb, concept_text, population.texts)):
             options = readings(r[f"{kind}_concept"], r.get(f"{kind}_candidates"), kind)
+            if kind == "textual" and options:
+                options = list(dict.fromkeys([*options, *strong_words(population, lat, strong_fraction,
+                                                                       population_words)]))
             if len(options) < 2 or not len(emb):
                 out[f"{kind}_concept"].append(r[f"{kind}_concept"])
                 continue
@@ -398,8 +413,11 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
     def all_readings(kind: str) -> list[str]:
         cands = proposals[f"{kind}_candidates"].to_list() if f"{kind}_candidates" in proposals.columns else \
             [None] * proposals.height
-        return list(dict.fromkeys(x for c, k in zip(proposals[f"{kind}_concept"].to_list(), cands)
-                                  for x in readings(c, k, kind)))
+        words = s.selection_population_words if kind == "textual" and s.select_by_detection else 0
+        return list(dict.fromkeys(
+            x for lat, c, k in zip(proposals["latent"].to_list(), proposals[f"{kind}_concept"].to_list(), cands)
+            for x in [*readings(c, k, kind),
+                      *(strong_words(pop, int(lat), s.population_strong_fraction, words) if c else [])]))
 
     v, t = all_readings("visual"), all_readings("textual")
     concept_image = dict(zip(v, judge.embed_texts(v))) if v else {}
@@ -407,7 +425,8 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
     chosen = proposals
     if s.select_by_detection:
         chosen = select_by_detection(proposals, pop, image_emb, word_emb, concept_image, concept_text,
-                                     s.population_strong_fraction, s.selection_tolerance)
+                                     s.population_strong_fraction, s.selection_tolerance,
+                                     s.selection_population_words)
     return chosen, population_scores(chosen, pop, image_emb, word_emb, concept_image, concept_text,
                                      s.population_strong_fraction, s.seed)
 
@@ -415,4 +434,4 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
 __all__ = ["POPULATION_COLUMNS", "Population", "SparseColumns", "choose_reading", "concept_words_mask", "coverage",
            "detection", "word_precision",
            "grouped_auroc", "load_population", "word_detection",
-           "population_scores", "rank_auroc", "readings", "score_population", "select_by_detection"]
+           "population_scores", "rank_auroc", "readings", "score_population", "select_by_detection", "strong_words"]

@@ -450,7 +450,7 @@ def _gt_fields() -> frozenset[str]:
 
 JUDGE_FIELDS = frozenset({"judge", "judge_model", "judge_base_url", "judge_examples"})
 POPULATION_FIELDS = frozenset({"population_samples", "population_strong_fraction", "select_by_detection",
-                               "selection_tolerance"})
+                               "selection_tolerance", "selection_population_words"})
 """``scores`` fields only population detection (``msae.score.population``) reads, besides ``seed``."""
 IMAGE_FIELDS = frozenset({"image_root", "allowed_image_roots", "allow_image_urls", "max_image_bytes",
                           "max_image_pixels", "image_url_timeout_s"})
