@@ -67,9 +67,9 @@ MIN_CLASS_SUPPORT = 10
 class of one latent is 1/k of a macro-F1 over k classes, and chasing it moves every threshold
 (the calibration world has one ground-truth multimodal latent)."""
 SELECTION_TOLERANCES: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
+"""``scores.selection_tolerance`` values tried (with selection off as the first candidate)."""
 SELECTION_POPULATION_WORDS: tuple[int, ...] = (0, 1, 3)
 """``scores.selection_population_words`` candidates, tried at the chosen tolerance (0 first: ties keep it off)."""
-"""``scores.selection_tolerance`` values tried (with selection off as the first candidate)."""
 MIN_POSITIVES_GRID: tuple[int, ...] = (5, 10, 20, 40)
 """``scores.population_min_positives`` values swept."""
 LABEL_RULE_KEYS: tuple[str, ...] = ("visual_threshold", "textual_threshold", "visual_population_threshold",

@@ -45,6 +45,10 @@ where the explanation that best predicts activations is kept, each reading is sc
 population detection and the *simplest* one within ``scores.selection_tolerance`` of the best
 AUROC is kept (fewest words; ties: the explainer's order, its own concept first). The explainer's
 concept stays in ``*_concept_proposed``. It never invents a concept: no answer, no candidate.
+With ``scores.selection_population_words`` a textual answer's readings also include the latent's
+most frequent words among its strong tokens (:func:`strong_words`): a latent whose few largest
+activations sit on the answer position, so that every top text peaks there, while most of its
+strong ones sit on "and", can then be named "and".
 
 Nothing here reads annotations or an explainer's answer other than the concept texts themselves.
 """
