@@ -26,6 +26,7 @@ passed on to the child, and its watchdog stops it if the driver is killed outrig
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -46,10 +47,12 @@ if TYPE_CHECKING:
 MODULE = "msae_assets.definitions"
 PER_SAE_STAGES = ("sae", "latent_stats", "concepts", "concept_scores", "controls")
 FINAL_STAGES = ("report",)
-IN_PROCESS = '{"execution": {"config": {"in_process": {}}}}'
-QUIET = '{"execution": {"config": {"in_process": {}}}, "loggers": {"console": {"config": {"log_level": "INFO"}}}}'
-"""The CLI calls' run config: in-process, and only INFO and above from Dagster's console logger (its
-DEBUG events — a line per step event — go to the instance's event log, which the UI shows)."""
+INFO_LOGGING: dict = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+"""Only INFO and above from Dagster's console logger (its DEBUG events — a line per step event — go
+to the instance's event log, which the UI shows); the run config of the quiet in-process calls."""
+IN_PROCESS = json.dumps({"execution": {"config": {"in_process": {}}}})
+QUIET = json.dumps({**json.loads(IN_PROCESS), **INFO_LOGGING})
+"""The CLI calls' run config: the in-process executor and :data:`INFO_LOGGING`."""
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 """The run tags that make one run cover a partition range (what ``--partition-range`` sets; the
@@ -199,7 +202,7 @@ def run_in_process(call: Call, defs: dg.Definitions, instance: dg.DagsterInstanc
     it as Ctrl-C does, so Dagster records it failed and frees its pool slots."""
     import dagster as dg
 
-    run_config = {} if verbose else {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    run_config = {} if verbose else INFO_LOGGING
 
     def interrupt(_signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
