@@ -70,11 +70,18 @@ SELECTION_TOLERANCES: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1)
 """``scores.selection_tolerance`` values tried (with selection off as the first candidate)."""
 SELECTION_POPULATION_WORDS: tuple[int, ...] = (0, 1, 3)
 """``scores.selection_population_words`` candidates, tried at the chosen tolerance (0 first: ties keep it off)."""
+TEXTUAL_READINGS: tuple[tuple[str, bool], ...] = (("similarity", False), ("coverage", False), ("similarity", True),
+                                                  ("coverage", True))
+"""(``scores.textual_selection_measure``, ``scores.selection_evidence_words``) candidates, tried at the
+chosen tolerance and number of population words (the method's first: ties keep it)."""
 MIN_POSITIVES_GRID: tuple[int, ...] = (5, 10, 20, 40)
 """``scores.population_min_positives`` values swept."""
+COVERAGE_ALONE_GRID: tuple[float, ...] = (0.0, 0.9, 0.925, 0.95, 0.975)
+"""``scores.textual_coverage_alone_threshold`` values swept at the best gate (0: off, first so ties keep it off)."""
 LABEL_RULE_KEYS: tuple[str, ...] = ("visual_threshold", "textual_threshold", "visual_population_threshold",
                                     "textual_population_threshold", "textual_coverage_threshold",
-                                    "textual_precision_threshold", "population_min_positives")
+                                    "textual_precision_threshold", "textual_coverage_alone_threshold",
+                                    "population_min_positives")
 """The ``scores`` fields the sweep chooses (contrast thresholds first)."""
 TEXT_WINDOWS: tuple[tuple[int, str], ...] = ((5, "around"), (2, "around"), (1, "around"), (5, "before"),
                                             (2, "before"), (1, "before"))
@@ -148,20 +155,33 @@ def _macro_f1_batch(cm: np.ndarray, present: np.ndarray) -> np.ndarray:
     return f1[:, present].mean(axis=1)
 
 
-def _gate_grid(gated: bool) -> list[tuple[float, float, float, float, int]]:
-    """(visual, textual, textual coverage, textual precision, min positives) of the population gate
-    to sweep; the minimum is swept only where some route is on."""
+Gate = tuple[float, float, float, float, float, int]
+"""(visual, textual, textual coverage, textual precision, textual coverage alone, min positives)."""
+
+
+def _gate_grid(gated: bool) -> list[Gate]:
+    """The population gates to sweep (coverage alone off: :func:`coverage_alone_gates` sweeps it
+    at the best gate); the minimum is swept only where some route is on."""
     if not gated:
-        return [(0.0, 0.0, 0.0, 0.0, MIN_POSITIVES_GRID[0])]
-    return [(vg, tg, tc, tp, mp) for vg in POPULATION_GRID for tg in POPULATION_GRID for tc in POPULATION_GRID
+        return [(0.0, 0.0, 0.0, 0.0, 0.0, MIN_POSITIVES_GRID[0])]
+    return [(vg, tg, tc, tp, 0.0, mp) for vg in POPULATION_GRID for tg in POPULATION_GRID for tc in POPULATION_GRID
             for tp in POPULATION_GRID
             for mp in (MIN_POSITIVES_GRID if (vg > 0 or tg > 0 or tc > 0 or tp > 0) else MIN_POSITIVES_GRID[:1])]
 
 
-def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str = "masked") -> list[dict]:
+def coverage_alone_gates(best: dict) -> list[Gate]:
+    """The best setting's gate with every :data:`COVERAGE_ALONE_GRID` value but 0 (a second, small
+    sweep: crossing it with the whole gate grid would multiply the grid by its length)."""
+    g = [best[k] for k in LABEL_RULE_KEYS[2:6]]
+    return [(*g, a, best["population_min_positives"]) for a in COVERAGE_ALONE_GRID if a > 0]
+
+
+def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str = "masked",
+                    gates: list[Gate] | None = None) -> list[dict]:
     """Pooled macro-F1 of the labels against ground truth for every setting of the label rule on the
     grids: both contrast thresholds, both population-gate thresholds (0: no gate) and the gate's
-    minimum number of positives (a frame without population columns sweeps the contrast only)."""
+    minimum number of positives (a frame without population columns sweeps the contrast only);
+    ``gates`` replaces the gate grid."""
     from msae.score.classify import LABELS
 
     classes = list(dict.fromkeys([*LABELS, *(x for _, gt in frames for x in gt["gt_modality"].to_list())]))
@@ -188,13 +208,15 @@ def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str =
     vn, tn = col("visual_population_positives", 0), col("textual_population_positives", 0)
     tc, tm = col("textual_population_coverage", -np.inf), col("textual_population_matches", 0)
     tpr = col("textual_population_precision", -np.inf)
+    has_t = (j["textual_concept"].is_not_null().to_numpy() if "textual_concept" in j.columns
+             else np.zeros(j.height, bool))
     code = {c: classes.index(c) for c in LABELS}
     grid = np.asarray(THRESHOLD_GRID)
     n_classes, n_grid = len(classes), len(grid)
     pairs = [(vt, tt) for vt in THRESHOLD_GRID for tt in THRESHOLD_GRID]
     offset = (np.arange(n_grid * n_grid) * n_classes * n_classes)[:, None]
     rows = []
-    for vg, tg, tcov, tprec, mp in _gate_grid(gated):
+    for vg, tg, tcov, tprec, alone, mp in (gates if gates is not None and gated else _gate_grid(gated)):
         # every contrast pair of one gate at once: [visual threshold, textual threshold, latent]
         v_gate = (vp >= vg) & (vn >= mp) if vg > 0 else np.ones(j.height, bool)
         t_gate = (((tp >= tg) & (tn >= mp) if tg > 0 else False) | ((tc >= tcov) & (tm >= mp) if tcov > 0 else False)
@@ -202,7 +224,8 @@ def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str =
         if not (tg > 0 or tcov > 0 or tprec > 0):
             t_gate = np.ones(j.height, bool)
         v = ((vs[None, :] >= grid[:, None]) & v_gate)[:, None, :]
-        t = ((ts[None, :] >= grid[:, None]) & t_gate)[None, :, :]
+        t_alone = (tc >= alone) & (tm >= mp) & has_t if alone > 0 else np.zeros(j.height, bool)
+        t = (((ts[None, :] >= grid[:, None]) & t_gate) | t_alone)[None, :, :]
         pred = np.where(v & t & agree, code["multimodal"], np.where(
             v & t, code["mixed"], np.where(v, code["visual"], np.where(t, code["textual"], code["none"]))))
         cells = (offset + y[None, :] * n_classes + pred.reshape(n_grid * n_grid, -1)).ravel()
@@ -212,7 +235,8 @@ def threshold_sweep(frames: list[tuple[pl.DataFrame, pl.DataFrame]], mode: str =
             rows.append({"visual_threshold": float(vt), "textual_threshold": float(tt),
                          "visual_population_threshold": vg, "textual_population_threshold": tg,
                          "textual_coverage_threshold": tcov, "textual_precision_threshold": tprec,
-                         "population_min_positives": mp, "macro_f1": float(f1)})
+                         "textual_coverage_alone_threshold": alone, "population_min_positives": mp,
+                         "macro_f1": float(f1)})
     rows.sort(key=lambda r: THRESHOLD_GRID.index(r["visual_threshold"]) * n_grid
               + THRESHOLD_GRID.index(r["textual_threshold"]))  # stable: contrast first, then gate, as before
     return rows
@@ -227,7 +251,8 @@ def choose_thresholds(sweep: list[dict]) -> dict:
     return min(tied, key=lambda r: (abs(r["visual_threshold"] - centre) + abs(r["textual_threshold"] - centre),
                                     r["visual_threshold"], r["textual_threshold"],
                                     r.get("visual_population_threshold", 0) + r.get("textual_population_threshold", 0)
-                                    + r.get("textual_coverage_threshold", 0) + r.get("textual_precision_threshold", 0),
+                                    + r.get("textual_coverage_threshold", 0) + r.get("textual_precision_threshold", 0)
+                                    + r.get("textual_coverage_alone_threshold", 0),
                                     r.get("population_min_positives", 0)))
 
 
@@ -255,24 +280,28 @@ def selection_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, int]
     mode = cfg.explainer.prompting[0]
     inputs = [(store.read_parquet(concepts_folder(*k), PROPOSALS),
                store.read_parquet(concepts_folder(*k), GROUND_TRUTH)) for k in keys]
-    def selected(tol: float, words: int) -> dict[str, Any]:
-        scfg = cfg.model_copy(update={"scores": cfg.scores.model_copy(
-            update={"select_by_detection": True, "selection_tolerance": tol, "selection_population_words": words})})
+    def selected(tol: float, words: int, measure: str = "similarity", evidence: bool = False) -> dict[str, Any]:
+        update = {"select_by_detection": True, "selection_tolerance": tol, "selection_population_words": words,
+                  "textual_selection_measure": measure, "selection_evidence_words": evidence}
+        scfg = cfg.model_copy(update={"scores": cfg.scores.model_copy(update=update)})
         frames = [(score_population(scfg, store, *k, prop, image_text, text)[0], gt)
                   for k, (prop, gt) in zip(keys, inputs)]
-        row = {"select_by_detection": True, "selection_tolerance": tol, "selection_population_words": words,
-               **exact_match(frames, mode)}
-        print(f"concept selection on / {tol} / {words} population words: exact match {row['exact_match']:.3f} "
-              f"(n={row['n']})", flush=True)
+        row = {**update, **exact_match(frames, mode)}
+        print(f"concept selection on / {tol} / {words} population words / {measure} / evidence words {evidence}: "
+              f"exact match {row['exact_match']:.3f} (n={row['n']})", flush=True)
         return row
 
     rows = [{"select_by_detection": False, "selection_tolerance": cfg.scores.selection_tolerance,
-             "selection_population_words": 0, **exact_match(inputs, mode)}]
+             "selection_population_words": 0, "textual_selection_measure": "similarity",
+             "selection_evidence_words": False, **exact_match(inputs, mode)}]
     print(f"concept selection off: exact match {rows[0]['exact_match']:.3f} (n={rows[0]['n']})", flush=True)
     rows += [selected(tol, 0) for tol in SELECTION_TOLERANCES]
     best = best_selection(rows)
     if best["select_by_detection"]:
         rows += [selected(best["selection_tolerance"], w) for w in SELECTION_POPULATION_WORDS if w]
+        best = best_selection(rows)
+        rows += [selected(best["selection_tolerance"], best["selection_population_words"], m, e)
+                 for m, e in TEXTUAL_READINGS[1:]]
     return rows
 
 
@@ -302,6 +331,7 @@ def text_window_candidates(cfg: MsaeConfig, store: Any, keys: list[tuple[int, in
         frames = [(score_partition_full(wcfg, store, *k, ev, prop, image_text, text, pools), gt)
                   for k, prop, ev, gt in inputs]
         sweep = threshold_sweep(frames, cfg.explainer.prompting[0])
+        sweep += threshold_sweep(frames, cfg.explainer.prompting[0], coverage_alone_gates(choose_thresholds(sweep)))
         out.append({"text_window": window, "text_window_context": context, "best": choose_thresholds(sweep),
                     "sweep": sweep})
         print(f"text_window {window} / {context}: best {out[-1]['best']}", flush=True)
@@ -340,7 +370,9 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
     best_sel = best_selection(selection)
     data["scores"] = {**data.get("scores", {}), "select_by_detection": best_sel["select_by_detection"],
                       "selection_tolerance": best_sel["selection_tolerance"],
-                      "selection_population_words": best_sel["selection_population_words"]}
+                      "selection_population_words": best_sel["selection_population_words"],
+                      "textual_selection_measure": best_sel["textual_selection_measure"],
+                      "selection_evidence_words": best_sel["selection_evidence_words"]}
     cfg = parse_config(data)
     windows = text_window_candidates(cfg, store, keys)
     best_w = max(windows, key=lambda r: (r["best"]["macro_f1"], -windows.index(r)))
@@ -355,6 +387,8 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
                    "scores.select_by_detection": best_sel["select_by_detection"],
                    "scores.selection_tolerance": best_sel["selection_tolerance"],
                    "scores.selection_population_words": best_sel["selection_population_words"],
+                   "scores.textual_selection_measure": best_sel["textual_selection_measure"],
+                   "scores.selection_evidence_words": best_sel["selection_evidence_words"],
                    **{f"scores.{k}": best_t[k] for k in LABEL_RULE_KEYS}},
         "evidence_candidates": evidence,
         "selection_candidates": selection,

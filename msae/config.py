@@ -117,6 +117,12 @@ class DatasetConfig(_Section):
             )
         return self
 
+    @property
+    def has_annotations(self) -> bool:
+        """Whether the dataset brings ground-truth patch annotations (``<store>/world/annotations.parquet``,
+        written by ``vqa_samples``): only the shapes world does; LLaVA-format and hf datasets do not."""
+        return self.kind == "shapes"
+
 
 class ModelConfig(_Section):
     """The VLM whose residual stream is read. Local folders and HF hub ids go through one path."""
@@ -512,6 +518,12 @@ class ScoresConfig(_Section):
         0.0, ge=0, le=1, description="Label gate, third route for text: the textual concept also passes when at "
         "least this share of the tokens the latent fires strongly on show it (its word, or one of a phrase's words; "
         "textual_population_precision), over at least population_min_positives such tokens (0: off).")
+    textual_coverage_alone_threshold: float = Field(
+        0.0, ge=0, le=1, description="Label rule, text: the textual concept is also aligned — without the contrast "
+        "score — when its coverage (textual_population_coverage: the latent's activation ranks the tokens showing "
+        "the concept above all others) is at least this, over at least population_min_positives such tokens. "
+        "For a latent that fires weakly on every occurrence of a word and hardest elsewhere, its top texts peak "
+        "elsewhere, so a contrast on them cannot see the word; coverage over the population can (0: off).")
     population_min_positives: int = Field(
         20, ge=1, description="Label gate: a population detection counts only with at least this many items the "
         "latent fires strongly on (fewer cannot support an AUROC; the latent is then not aligned in that modality).")
@@ -529,6 +541,18 @@ class ScoresConfig(_Section):
         "SAE dashboards; 0: off). A latent whose few largest activations sit on one word (its top texts all "
         "peak there) but whose strong activations mostly sit on another is then named by the latter when it "
         "detects better. Only where the explainer proposed a textual concept.")
+    selection_evidence_words: bool = Field(
+        False, description="Concept selection, textual: also offer as readings the words the latent is active on "
+        "in its top texts (the explainer.examples texts the explainer was shown). Only where the explainer "
+        "proposed a textual concept.")
+    textual_selection_measure: Literal["similarity", "coverage"] = Field(
+        "similarity", description="Concept selection, textual: what 'detects best' means for a textual reading. "
+        "'similarity': the AUROC of the text embedder's similarity of each token's word to the reading, for the "
+        "latent's strong tokens against the rest (textual_population_auroc). 'coverage': the AUROC of the "
+        "latent's own activation for the tokens whose word is the reading (or one of its words) against all "
+        "other tokens (textual_population_coverage) — the reading that best predicts where the latent fires, "
+        "as in explain-simulate-score; it needs no embedder, so a name the embedder separates poorly from its "
+        "neighbours (a function word, '<answer position>') is judged by exact matches.")
     population_samples: int = Field(
         2000, gt=0, description="Population detection: samples (a seeded subset) whose images and text tokens are "
         "the detection population.")
@@ -655,6 +679,18 @@ class MsaeConfig(_Section):
         if shapes.seed not in (ws.calibration, ws.evaluation):
             raise ValueError(f"dataset.shapes.seed {shapes.seed} is neither world_seeds.evaluation ({ws.evaluation}) "
                              f"nor world_seeds.calibration ({ws.calibration})")
+        return self
+
+    @model_validator(mode="after")
+    def _dissection_needs_annotations(self) -> "MsaeConfig":
+        """The dissection explainer reads the annotation masks; without them the concepts stage could
+        only fail, after the VLM pass and the SAEs. (The oracle control and ground truth just skip.)"""
+        if self.explainer.backend == "dissection" and not self.dataset.has_annotations:
+            default = "" if "backend" in self.explainer.model_fields_set else " (the default)"
+            raise ValueError(
+                f"explainer.backend 'dissection'{default} reads ground-truth patch annotations, which "
+                f"dataset.kind {self.dataset.kind!r} does not have (only 'shapes' does): set explainer.backend to "
+                "'openai' (with explainer.model and explainer.base_url) or 'transformers'")
         return self
 
     @field_validator("layers")

@@ -15,6 +15,8 @@ All stages address files through :class:`Store` so that a local run and a run wr
                                                 checksums of its outputs (msae.manifest, msae.integrity)
     <store>/_locks/…                            one lock (+ holder JSON) per stage being written
                                                 (msae.store_lock)
+    <store>/export/neuronpedia/layer=<L>/width=<W>/features.jsonl
+                                                `msae export neuronpedia` (msae.export.neuronpedia)
 
 Which files each stage writes under which partition: :func:`msae.integrity.stage_outputs`.
 """

@@ -70,8 +70,8 @@ def build_activations_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         partitions_def=layer_partitions(cfg),
         backfill_policy=dg.BackfillPolicy.single_run(),
         deps=deps,
-        description="Residual stream of each decoder layer → <store>/activations/layer=<L>.zarr "
-        "and one token table <store>/tokens.parquet (row i describes row i of every layer).",
+        description="Residual stream of each decoder layer → `<store>/activations/layer=<L>.zarr` "
+        "and one token table `<store>/tokens.parquet` (row i describes row i of every layer).",
         kinds={"pytorch", "zarr"},
         group_name="extraction",
         pool=GPU_POOL,

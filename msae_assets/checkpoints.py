@@ -45,7 +45,7 @@ def build_checkpoint_assets(cfg: MsaeConfig) -> list[dg.SourceAsset]:
         name=CHECKPOINT_ASSET,
         group_name="extraction",
         description=f"The newest ready checkpoint of the VLM in {watched.watch} {watched.location}; its data "
-        "version is the checkpoint's revision or content stamp (see msae/checkpoints.py).",
+        "version is the checkpoint's revision or content stamp (see `msae/checkpoints.py`).",
     )
     def vlm_checkpoint(context: dg.AssetExecutionContext) -> dg.ObserveResult:
         ckpt = checkpoint_source(watched).latest()

@@ -35,8 +35,8 @@ def build_concept_scores_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         cfg, plan=concept_scores_plan(cfg),
         compute=lambda store, layer, width, fp: run_concept_scores(cfg, store, layer, width),
         description="CLIP/ALIGN visual quality on blurred top images, textual quality on peak windows, "
-        "embedding detection, categories and modality labels → <store>/concepts/layer=<L>/width=<W>/"
-        "concepts.parquet (+ ground_truth.parquet where annotations exist).",
+        "embedding detection, categories and modality labels → `<store>/concepts/layer=<L>/width=<W>/"
+        "concepts.parquet` (+ `ground_truth.parquet` where annotations exist).",
         group="concepts", kinds={"pytorch", "parquet"}, decorate=_decorate,
         pool=GPU_POOL,  # CLIP/ALIGN embed the images on the GPU
     )

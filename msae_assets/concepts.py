@@ -69,7 +69,7 @@ def build_concepts_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         cfg, plan=concepts_plan(cfg),
         compute=lambda store, layer, width, fp: run_concepts(cfg, store, layer, width),
         description="Explainer proposals (masked regions and whole-image baseline) → "
-        "<store>/concepts/layer=<L>/width=<W>/proposals.parquet.",
+        "`<store>/concepts/layer=<L>/width=<W>/proposals.parquet`.",
         group="concepts", kinds={"parquet"}, decorate=_decorate, check_specs=specs, checks=concepts_checks,
         pool=GPU_POOL if cfg.explainer.backend == "transformers" else None,  # it loads a VLM; the others do not
     )

@@ -35,7 +35,7 @@ def build_report_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
 
     @dg.asset(name="report", code_version=version, deps=deps, group_name="report", kinds={"html"},
               description="Census, quality, FVU per modality, threshold ablation, ground-truth evaluation, "
-              "masked-vs-whole gain → <store>/report/index.html and report.json.")
+              "masked-vs-whole gain → `<store>/report/index.html` and `report.json`.")
     def report(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         from msae.report.build import build_report
 

@@ -58,10 +58,10 @@ def build_sae_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     with warnings.catch_warnings():  # partitioned checks and this mapping are preview/beta in 1.13
         warnings.simplefilter("ignore")
         checks = [dg.AssetCheckSpec("fvu", asset="sae", partitions_def=partitions,
-                                    description=f"held-out FVU <= sae.check_max_fvu ({cfg.sae.check_max_fvu})"),
+                                    description=f"held-out FVU ≤ `sae.check_max_fvu` ({cfg.sae.check_max_fvu})"),
                   dg.AssetCheckSpec("dead_fraction", asset="sae", partitions_def=partitions,
-                                    description="latents never firing on held-out tokens <= "
-                                    f"sae.check_max_dead_fraction ({cfg.sae.check_max_dead_fraction})")]
+                                    description="latents never firing on held-out tokens ≤ "
+                                    f"`sae.check_max_dead_fraction` ({cfg.sae.check_max_dead_fraction})")]
         dep = dg.AssetDep("activations", partition_mapping=dg.MultiToSingleDimensionPartitionMapping(
             partition_dimension_name="layer"))
 
@@ -71,8 +71,8 @@ def build_sae_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
         partitions_def=partitions,
         deps=[dep],
         check_specs=checks,
-        description="A TopK/BatchTopK SAE per layer × width → <store>/sae/layer=<L>/width=<W>/ (sparsify "
-        "layout + msae.json metrics + training log), evaluated on held-out samples.",
+        description="A TopK/BatchTopK SAE per layer × width → `<store>/sae/layer=<L>/width=<W>/` (sparsify "
+        "layout + `msae.json` metrics + training log), evaluated on held-out samples.",
         kinds={"pytorch", "safetensors"},
         group_name="sae",
         pool=GPU_POOL,  # training on the GPU, and (loss_samples > 0) the VLM

@@ -27,7 +27,7 @@ def build_vqa_samples_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
     @dg.asset(
         name="vqa_samples",
         code_version=plan.code_version,
-        description="Validated VQA samples (sample_id, image, question, answer) → <store>/samples.parquet",
+        description="Validated VQA samples (sample_id, image, question, answer) → `<store>/samples.parquet`",
         kinds={"polars", "parquet"},
         group_name="extraction",
     )

@@ -300,7 +300,7 @@ def build_checkpoint_sensors(cfg: MsaeConfig) -> list[dg.SensorDefinition]:
         asset_selection=RECOMPUTED,
         description=f"Looks {when} for a new checkpoint in {watched.watch} {watched.location}; on one, "
         "re-runs activations and everything downstream for it in waves of runs in graph order "
-        "(run tags msae/checkpoint*, msae/rerun_*).",
+        "(run tags `msae/checkpoint*`, `msae/rerun_*`).",
     )
     def checkpoint_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         return evaluate_checkpoint_sensor(context, watched)

@@ -8,8 +8,8 @@ import polars as pl
 import pytest
 import yaml
 
-from msae.calibrate import (CALIBRATION_FILE, MIN_CLASS_SUPPORT, THRESHOLD_GRID, calibration_config_data,
-                            choose_thresholds, threshold_sweep)
+from msae.calibrate import (CALIBRATION_FILE, COVERAGE_ALONE_GRID, MIN_CLASS_SUPPORT, THRESHOLD_GRID,
+                            calibration_config_data, choose_thresholds, coverage_alone_gates, threshold_sweep)
 from msae.config import profile_text
 from msae.score.evidence_quality import evidence_quality, image_concepts, patch_concepts
 
@@ -89,16 +89,21 @@ def test_sweep_labels_exactly_as_the_label_rule_does():
         "textual_population_random": rng.uniform(0.4, 0.6, n),
         "textual_population_coverage": rng.uniform(0.4, 1, n), "textual_population_matches": rng.integers(0, 60, n),
         "textual_population_precision": rng.uniform(0.4, 1, n),
+        "textual_concept": [None if i % 5 == 0 else "and" for i in range(n)],
     }).with_columns(pl.when(pl.col("latent") % 7 == 0).then(None).otherwise(pl.col("visual_score"))
                     .alias("visual_score"))
     truth = rng.choice(["visual", "textual", "none", "mixed", "multimodal"], size=n).tolist()
     gt = pl.DataFrame({"latent": list(range(n)), "gt_modality": truth})
     assert any(truth.count(c) < MIN_CLASS_SUPPORT for c in set(truth))  # so the support rule is exercised
     sweep = threshold_sweep([(concepts, gt)])
-    for r in [sweep[i] for i in rng.choice(len(sweep), size=40, replace=False)]:
+    alone = threshold_sweep([(concepts, gt)], gates=coverage_alone_gates(choose_thresholds(sweep)))
+    assert {r["textual_coverage_alone_threshold"] for r in alone} == set(COVERAGE_ALONE_GRID) - {0.0}
+    assert {r["textual_coverage_alone_threshold"] for r in sweep} == {0.0}  # the big grid leaves it off
+    picked = [sweep[i] for i in rng.choice(len(sweep), size=40, replace=False)]
+    for r in picked + [alone[i] for i in rng.choice(len(alone), size=20, replace=False)]:
         gate = PopulationGate(r["visual_population_threshold"], r["textual_population_threshold"],
                               r["population_min_positives"], r["textual_coverage_threshold"],
-                              r["textual_precision_threshold"])
+                              r["textual_precision_threshold"], r["textual_coverage_alone_threshold"])
         labels = classify_frame(concepts, r["visual_threshold"], r["textual_threshold"], gate).to_list()
         counted = sorted(c for c in set(truth) if truth.count(c) >= MIN_CLASS_SUPPORT)  # the objective's classes
         want = f1_score(truth, labels, labels=counted, average="macro", zero_division=0)

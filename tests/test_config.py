@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from msae.config import ConfigError, config_hash, load_config, parse_config
+from msae.config import PROFILES, ConfigError, config_hash, load_config, parse_config
 
 
 def _base() -> dict:
@@ -76,6 +76,35 @@ def test_bad_values_name_the_key(patch, needle):
     data = {**_base(), **patch}
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         parse_config(data)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "explainer"),
+    [({"kind": "hf", "name": "lmms-lab/LLaVA-NeXT-Data"}, {}),  # dissection is the default backend
+     ({"kind": "llava", "path": "data.json"}, {"backend": "dissection"})],
+)
+def test_dissection_without_annotations_is_refused_at_load(dataset, explainer):
+    with pytest.raises(ConfigError) as err:
+        parse_config({**_base(), "dataset": dataset, "explainer": explainer})
+    message = str(err.value)
+    assert "explainer.backend 'dissection'" in message and f"dataset.kind {dataset['kind']!r}" in message
+    assert "set explainer.backend to 'openai'" in message and "'transformers'" in message
+
+
+def test_dissection_on_shapes_and_the_oracle_control_without_annotations_load():
+    assert parse_config(_base()).explainer.backend == "dissection"
+    assert parse_config(_base()).dataset.has_annotations
+    # the dissection oracle control only skips where annotations are missing: not a reason to refuse
+    cfg = parse_config({**_base(), "dataset": {"kind": "hf", "name": "x"},
+                        "explainer": {"backend": "openai", "model": "m"}, "controls": {"dissection_oracle": True}})
+    assert not cfg.dataset.has_annotations and cfg.controls.dissection_oracle
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_every_profile_loads(profile, monkeypatch):
+    monkeypatch.delenv("MSAE_CONFIG", raising=False)
+    monkeypatch.delenv("MSAE_STORE", raising=False)
+    assert load_config(profile=profile).layers
 
 
 def test_layers_and_widths_are_sorted():

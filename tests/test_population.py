@@ -263,3 +263,66 @@ def test_selection_names_a_latent_by_its_strong_words_only_when_asked():
     none = proposals.with_columns(pl.lit(None, pl.Utf8).alias("textual_concept"))
     assert select_by_detection(none, pop, img, wemb, {}, concept, 0.5, 0.05, population_words=1)[
         "textual_concept"].to_list() == [None, None]  # no answer, no candidate
+
+
+def test_coverage_alone_aligns_text_without_the_contrast():
+    frame = _scored(0.1, 0.2, 0.9, 50, 0.5, 50).with_columns(
+        pl.lit("and").alias("textual_concept"),
+        pl.lit(0.96).alias("textual_population_coverage"), pl.lit(30, pl.Int64).alias("textual_population_matches"))
+    assert classify_frame(frame, 0.9, 0.9, PopulationGate(min_positives=20)).to_list() == ["none"]  # contrast 0.2
+    alone = PopulationGate(min_positives=20, textual_coverage_alone=0.95)
+    assert classify_frame(frame, 0.9, 0.9, alone).to_list() == ["textual"]
+    assert classify_frame(frame, 0.9, 0.9, PopulationGate(min_positives=40, textual_coverage_alone=0.95)
+                          ).to_list() == ["none"]  # 30 matches < 40
+    assert classify_frame(frame, 0.9, 0.9, PopulationGate(min_positives=20, textual_coverage_alone=0.97)
+                          ).to_list() == ["none"]  # 0.96 < 0.97
+    no_concept = frame.with_columns(pl.lit(None, pl.Utf8).alias("textual_concept"))
+    assert classify_frame(no_concept, 0.9, 0.9, alone).to_list() == ["none"]
+    scores = ScoresConfig(textual_coverage_alone_threshold=0.95, population_min_positives=20)
+    assert PopulationGate.from_scores(scores) == alone
+    assert "textual_coverage_alone_threshold" in LABEL_FIELDS  # a threshold edit only relabels
+
+
+def test_evidence_words_are_the_words_a_latent_is_active_on_in_its_top_texts():
+    from msae.latents.evidence import TextExample
+    from msae.score.population import evidence_words
+
+    def text(pieces, acts):
+        return TextExample("s", 0, pieces, np.array(acts, np.float32), int(np.argmax(acts)), "q", "a", "")
+
+    texts = [text(["is", " there", " red", " and", " blue"], [0, 0.5, 0, 2.0, 0.1]),
+             text(["And", " the", " red"], [3.0, 0, 1.0]),
+             text([" blue", " cross"], [5.0, 5.0])]
+    assert evidence_words(texts, 2) == ["and", "red", "there", "blue"]  # by their largest activation
+    assert evidence_words(texts, 1) == ["and", "there", "blue"]  # "red" has 0 in the first text
+    assert evidence_words([], 5) == []
+
+
+def test_selection_by_coverage_names_the_word_a_latent_covers():
+    """Latent 0 fires weakly (1.0) on all 20 'one' and hardest (9.0) on two 'red': its strong tokens
+    are never 'one', so the judge's similarity cannot find it; coverage does, when 'one' is offered."""
+    from msae.score.population import select_by_detection
+
+    words = ["one"] * 20 + ["red"] * 2 + ["the"] * 38
+    cols = SparseColumns.from_triplets(len(words), 1, np.arange(22), np.zeros(22, int),
+                                       np.array([1.0] * 20 + [9.0] * 2))
+    images = SparseColumns.from_triplets(1, 1, np.zeros(0, int), np.zeros(0, int), np.zeros(0))
+    pop = Population.with_words(images, ["img0.png"], cols, words)
+    wemb = np.eye(3)
+    concept = {w: wemb[i] for i, w in enumerate(pop.vocab)}
+    proposals = pl.DataFrame({"latent": [0], "prompting": ["masked"], "visual_concept": [None],
+                              "textual_concept": ["the"], "visual_candidates": [[]], "textual_candidates": [[]]},
+                             schema_overrides={"visual_concept": pl.Utf8})
+    img = np.zeros((0, 3))
+    offered = {0: ["red", "one"]}
+    by_similarity = select_by_detection(proposals, pop, img, wemb, {}, concept, 0.5, 0.0, top_text_words=offered)
+    assert by_similarity["textual_concept"].to_list() == ["red"]  # its strong tokens are the two 'red'
+    by_coverage = select_by_detection(proposals, pop, img, wemb, {}, concept, 0.5, 0.0, textual_measure="coverage",
+                                      top_text_words=offered)
+    assert by_coverage["textual_concept"].to_list() == ["red"]  # 'red' covers 1.0, 'one' 0.95
+    only_one = select_by_detection(proposals, pop, img, wemb, {}, concept, 0.5, 0.0, textual_measure="coverage",
+                                   top_text_words={0: ["one"]})
+    assert only_one["textual_concept"].to_list() == ["one"]  # 'one' covers 0.95, 'the' (never fired on) far less
+    assert only_one["textual_concept_proposed"].to_list() == ["the"]
+    with pytest.raises(ValueError, match="textual_measure"):
+        select_by_detection(proposals, pop, img, wemb, {}, concept, 0.5, 0.0, textual_measure="cosine")

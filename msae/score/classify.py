@@ -16,6 +16,12 @@ least that many strong tokens. A threshold of 0 turns that route off; a modality
 off is not gated. The contrast alone asks whether the concept describes the latent's top examples;
 the gate asks whether the latent is selective for it.
 
+Coverage alone (``scores.textual_coverage_alone_threshold``) is a second way for the textual concept
+to be aligned, without the contrast: its coverage AUROC over the population at least the threshold
+over at least ``population_min_positives`` tokens showing it. A latent that fires on nearly every
+"and", weakly, and hardest on other tokens has top texts that peak elsewhere; the contrast on them
+cannot see "and", the coverage over every token can.
+
 * both aligned and the concepts agree (``quality.concepts_agree``) → ``multimodal``
 * both aligned but they name different things → ``mixed`` (the latent answers to two concepts)
 * only the visual → ``visual``; only the textual → ``textual``; neither (or no concept) → ``none``
@@ -37,7 +43,7 @@ from msae.score.quality import concepts_agree, normalise_concept
 LABELS = ("visual", "textual", "multimodal", "mixed", "none")
 LABEL_FIELDS = frozenset({"visual_threshold", "textual_threshold", "agreement", "visual_population_threshold",
                           "textual_population_threshold", "textual_coverage_threshold", "textual_precision_threshold",
-                          "population_min_positives"})
+                          "textual_coverage_alone_threshold", "population_min_positives"})
 """The ``scores`` fields that decide labels (``concepts_agree``, ``modality``) and nothing else."""
 LABEL_COLUMNS = ("concepts_agree", "modality")
 """Columns :func:`label_frame` adds to a score frame."""
@@ -62,12 +68,23 @@ class PopulationGate:
     min_positives: int = 1
     textual_coverage: float = 0.0
     textual_precision: float = 0.0
+    textual_coverage_alone: float = 0.0
+    """Not a gate but a route around the contrast: coverage at least this aligns the textual concept
+    by itself (0: off)."""
 
     @classmethod
     def from_scores(cls, scores: Any) -> PopulationGate:
         return cls(scores.visual_population_threshold, scores.textual_population_threshold,
                    scores.population_min_positives, scores.textual_coverage_threshold,
-                   scores.textual_precision_threshold)
+                   scores.textual_precision_threshold, scores.textual_coverage_alone_threshold)
+
+    def coverage_alone(self) -> pl.Expr:
+        """Row-wise: the textual concept is aligned by its coverage alone (module doc)."""
+        if self.textual_coverage_alone <= 0:
+            return pl.lit(False)
+        return ((pl.col("textual_population_coverage").fill_null(float("-inf")) >= self.textual_coverage_alone)
+                & (pl.col("textual_population_matches").fill_null(0) >= self.min_positives)
+                & pl.col("textual_concept").is_not_null())
 
     def passes(self, kind: str) -> pl.Expr:
         """Row-wise: the ``kind`` (visual / textual) concept passes the gate."""
@@ -95,7 +112,8 @@ def classify_frame(frame: pl.DataFrame, visual_threshold: float, textual_thresho
     with a gate, the ``*_population_auroc`` / ``*_population_positives`` columns)."""
     gate = gate or PopulationGate()
     v = (pl.col("visual_score").fill_null(float("-inf")) >= visual_threshold) & gate.passes("visual")
-    t = (pl.col("textual_score").fill_null(float("-inf")) >= textual_threshold) & gate.passes("textual")
+    t = ((pl.col("textual_score").fill_null(float("-inf")) >= textual_threshold) & gate.passes("textual")) \
+        | gate.coverage_alone()
     agree = pl.col("concepts_agree").fill_null(False)
     expr = (pl.when(v & t & agree).then(pl.lit("multimodal")).when(v & t).then(pl.lit("mixed"))
             .when(v).then(pl.lit("visual")).when(t).then(pl.lit("textual")).otherwise(pl.lit("none")))

@@ -48,14 +48,19 @@ concept stays in ``*_concept_proposed``. It never invents a concept: no answer, 
 With ``scores.selection_population_words`` a textual answer's readings also include the latent's
 most frequent words among its strong tokens (:func:`strong_words`): a latent whose few largest
 activations sit on the answer position, so that every top text peaks there, while most of its
-strong ones sit on "and", can then be named "and".
+strong ones sit on "and", can then be named "and". With ``scores.selection_evidence_words`` they also
+include the words the latent is active on in its top texts (:func:`evidence_words`: the evidence the
+explainer saw). With ``scores.textual_selection_measure: coverage`` textual readings are ranked by
+their coverage (the latent's activation predicting where the word occurs) instead of the judge's
+similarity: a latent that fires on most "and" tokens, weakly, and hardest elsewhere is then named by
+the word it covers.
 
 Nothing here reads annotations or an explainer's answer other than the concept texts themselves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,6 +273,19 @@ def strong_words(population: Population, latent: int, fraction: float, n: int) -
     return [population.vocab[i] for i in order if counts[i] > 0]
 
 
+def evidence_words(texts: Sequence[Any], n_texts: int) -> list[str]:
+    """The distinct words (as displayed, stripped, lower-cased) the latent is active on in its first
+    ``n_texts`` top texts (:class:`msae.latents.evidence.TextExample`), by decreasing activation:
+    the words of the evidence the explainer was shown; pure."""
+    best: dict[str, float] = {}
+    for t in texts[:n_texts]:
+        for word, act in zip(t.display(), np.asarray(t.activations, np.float64)):
+            w = word.strip().lower()
+            if act > 0 and w and act > best.get(w, 0.0):
+                best[w] = float(act)
+    return sorted(best, key=lambda w: -best[w])
+
+
 def readings(concept: str | None, candidates: Sequence[str] | None, kind: str) -> list[str]:
     """The normalised readings of one answer: its concept, the explainer's candidates, then the
     content phrases inside the concept (visual: without function words), each once."""
@@ -290,13 +308,25 @@ def choose_reading(options: Sequence[str], aurocs: Sequence[float], tolerance: f
     return options[min(close, key=lambda i: (len(options[i].split()), i))]
 
 
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else float(x)
+
+
 def select_by_detection(proposals: pl.DataFrame, population: Population, image_emb: np.ndarray,
                         word_emb: np.ndarray, concept_image: dict[str, np.ndarray],
                         concept_text: dict[str, np.ndarray], strong_fraction: float,
-                        tolerance: float, population_words: int = 0) -> pl.DataFrame:
+                        tolerance: float, population_words: int = 0,
+                        textual_measure: str = "similarity",
+                        top_text_words: Mapping[int, Sequence[str]] | None = None) -> pl.DataFrame:
     """The proposals with each concept replaced by its best-detecting reading (module doc) and the
     explainer's own kept as ``visual_concept_proposed`` / ``textual_concept_proposed``; pure.
-    ``population_words``: textual readings also include that many :func:`strong_words`."""
+    ``population_words``: textual readings also include that many :func:`strong_words`.
+    ``textual_measure``: ``"similarity"`` ranks textual readings by the judge's detection AUROC,
+    ``"coverage"`` by :func:`coverage` (``scores.textual_selection_measure``).
+    ``top_text_words``: per latent, words also offered as textual readings (:func:`evidence_words`,
+    ``scores.selection_evidence_words``)."""
+    if textual_measure not in ("similarity", "coverage"):
+        raise ValueError(f"textual_measure must be 'similarity' or 'coverage', not {textual_measure!r}")
     out: dict[str, list[str | None]] = {"visual_concept": [], "textual_concept": []}
     counts = np.bincount(population.word_ids, minlength=len(population.vocab)).astype(np.float64)
     for r in proposals.iter_rows(named=True):
@@ -306,13 +336,18 @@ def select_by_detection(proposals: pl.DataFrame, population: Population, image_e
             options = readings(r[f"{kind}_concept"], r.get(f"{kind}_candidates"), kind)
             if kind == "textual" and options:
                 options = list(dict.fromkeys([*options, *strong_words(population, lat, strong_fraction,
-                                                                       population_words)]))
+                                                                       population_words),
+                                              *((top_text_words or {}).get(lat) or [])]))
             if len(options) < 2 or not len(emb):
                 out[f"{kind}_concept"].append(r[f"{kind}_concept"])
                 continue
             strong = cols.strong(lat, strong_fraction)
-            aucs = [(detection(emb @ table[o], strong) if kind == "visual" else
-                     word_detection(emb @ table[o], population.word_ids, counts, strong))[0] for o in options]
+            if kind == "textual" and textual_measure == "coverage":
+                aucs = [_nan(coverage(population.texts, lat, population.vocab, population.word_ids, o)[0])
+                        for o in options]
+            else:
+                aucs = [(detection(emb @ table[o], strong) if kind == "visual" else
+                         word_detection(emb @ table[o], population.word_ids, counts, strong))[0] for o in options]
             out[f"{kind}_concept"].append(choose_reading(options, aucs, tolerance))
     return proposals.with_columns(
         pl.col("visual_concept").alias("visual_concept_proposed"),
@@ -414,6 +449,14 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
                                                         for p in pop.image_refs[i: i + chunk]])
                                     for i in range(0, len(pop.image_refs), chunk)])
     word_emb = text_embedder.embed_texts(pop.vocab) if pop.vocab else np.zeros((0, 1))
+    top_words: dict[int, list[str]] = {}
+    if s.select_by_detection and s.selection_evidence_words:
+        from msae.latents.evidence import load_evidence
+
+        with_text = proposals.filter(pl.col("textual_concept").is_not_null())["latent"].unique().to_list()
+        evidence = load_evidence(store, layer, int(width), sorted(int(x) for x in with_text))
+        top_words = {lat: evidence_words(ev.texts, cfg.explainer.examples) for lat, ev in evidence.items()}
+
     def all_readings(kind: str) -> list[str]:
         cands = proposals[f"{kind}_candidates"].to_list() if f"{kind}_candidates" in proposals.columns else \
             [None] * proposals.height
@@ -421,7 +464,8 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
         return list(dict.fromkeys(
             x for lat, c, k in zip(proposals["latent"].to_list(), proposals[f"{kind}_concept"].to_list(), cands)
             for x in [*readings(c, k, kind),
-                      *(strong_words(pop, int(lat), s.population_strong_fraction, words) if c else [])]))
+                      *(strong_words(pop, int(lat), s.population_strong_fraction, words) if c else []),
+                      *(top_words.get(int(lat), []) if c and kind == "textual" else [])]))
 
     v, t = all_readings("visual"), all_readings("textual")
     concept_image = dict(zip(v, judge.embed_texts(v))) if v else {}
@@ -430,12 +474,12 @@ def score_population(cfg: Any, store: Any, layer: int, width: int | str, proposa
     if s.select_by_detection:
         chosen = select_by_detection(proposals, pop, image_emb, word_emb, concept_image, concept_text,
                                      s.population_strong_fraction, s.selection_tolerance,
-                                     s.selection_population_words)
+                                     s.selection_population_words, s.textual_selection_measure, top_words)
     return chosen, population_scores(chosen, pop, image_emb, word_emb, concept_image, concept_text,
                                      s.population_strong_fraction, s.seed)
 
 
 __all__ = ["POPULATION_COLUMNS", "Population", "SparseColumns", "choose_reading", "concept_words_mask", "coverage",
-           "detection", "word_precision",
+           "detection", "evidence_words", "word_precision",
            "grouped_auroc", "load_population", "word_detection",
            "population_scores", "rank_auroc", "readings", "score_population", "select_by_detection", "strong_words"]

@@ -450,7 +450,8 @@ def _gt_fields() -> frozenset[str]:
 
 JUDGE_FIELDS = frozenset({"judge", "judge_model", "judge_base_url", "judge_examples"})
 POPULATION_FIELDS = frozenset({"population_samples", "population_strong_fraction", "select_by_detection",
-                               "selection_tolerance", "selection_population_words"})
+                               "selection_tolerance", "selection_population_words", "textual_selection_measure",
+                               "selection_evidence_words"})
 """``scores`` fields only population detection (``msae.score.population``) reads, besides ``seed``."""
 IMAGE_FIELDS = frozenset({"image_root", "allowed_image_roots", "allow_image_urls", "max_image_bytes",
                           "max_image_pixels", "image_url_timeout_s"})
@@ -526,6 +527,9 @@ def population_key(cfg: MsaeConfig, store: Any, layer: int, width: int, files: d
         "sae": _stage_digest(store, "sae", layer_width_folder(layer, width)),
         "activations": _stage_digest(store, "activations", str(layer)),
         "files": {k: files[k] for k in ("proposals", "samples", "tokens")},
+        # the top texts' words become readings only with selection_evidence_words
+        **({"evidence": {"top": files.get("top"), "stats": files.get("stats"), "examples": cfg.explainer.examples}}
+           if cfg.scores.selection_evidence_words else {}),
     })
 
 
