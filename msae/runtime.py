@@ -18,9 +18,11 @@ Nothing here imports Dagster: the run's executor is read from the step context d
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -214,3 +216,39 @@ def bench_threads(value: int | str = "auto") -> int:
     threads = apply_threads(runtime)
     print(f"torch threads: {threads} ({plan_threads(runtime).reason})", flush=True)
     return threads
+
+
+class ProgressReport:
+    """Log lines for a long loop's progress, one at each ``every`` of its total (and at the end).
+
+    Why: tqdm bars are drawn for a terminal; a Dagster step's log — the UI's, the driver's per-call
+    files — never sees them, so SAE training and the latent-stats pass ran silent for many minutes
+    on a busy machine. ``emit`` is where the line goes (an asset passes its Dagster logger's
+    ``info``). It only reads the loop's counters, never changes what the loop computes."""
+
+    def __init__(self, emit: Callable[[str], None], label: str, total: int, start: int = 0, every: float = 0.1,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        if not 0 < every <= 1:
+            raise ValueError(f"every must be in (0, 1], not {every}")
+        self.emit, self.label, self.total, self.start, self.every, self.clock = emit, label, total, start, every, clock
+        self._t0 = clock()
+        self._next = self._boundary_after(start)
+
+    def _boundary_after(self, done: int) -> int:
+        """The first multiple of ``every`` × total above ``done`` (in items, at least done + 1)."""
+        step = self.every * self.total
+        k = int(done / step) + 1 if step > 0 else 1
+        return min(self.total, max(done + 1, math.ceil(k * step - 1e-9)))
+
+    def update(self, done: int, detail: Callable[[], str] | None = None) -> None:
+        """``done`` of ``total`` finished; emits when it crossed the next boundary. ``detail`` (called
+        only then) adds to the line, e.g. the latest loss."""
+        if self.total <= 0 or done < self._next:
+            return
+        elapsed = self.clock() - self._t0
+        new = done - self.start
+        left = elapsed * (self.total - done) / new if new > 0 else float("nan")
+        extra = detail() if detail is not None else ""
+        self.emit(f"{self.label} {done}/{self.total} ({100 * done / self.total:.0f} %), {elapsed:.0f} s"
+                  + (f", ~{left:.0f} s left" if done < self.total else "") + (f", {extra}" if extra else ""))
+        self._next = self._boundary_after(done) if done < self.total else self.total + 1

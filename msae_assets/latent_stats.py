@@ -34,7 +34,8 @@ def build_latent_stats_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
 
     return build_per_sae_asset(
         cfg, plan=latent_stats_plan(cfg),
-        compute=lambda store, layer, width, fp: run_latent_stats(cfg, store, layer, width, fingerprint=fp),
+        compute=lambda store, layer, width, fp: run_latent_stats(cfg, store, layer, width, fingerprint=fp,
+                                                                 report=dg.get_dagster_logger().info),
         description="One streaming pass through the SAE → `<store>/latents/layer=<L>/width=<W>/`: `stats.parquet`, "
         "`top_examples.parquet`, `cards/*.png` and `index.html` (`docs/formats.md`).",
         group="latents", kinds={"pytorch", "parquet"}, decorate=_decorate, pool=GPU_POOL,

@@ -87,7 +87,7 @@ def build_sae_asset(cfg: MsaeConfig) -> dg.AssetsDefinition:
             from msae.sae.stage import fit_sae, training_curve_png  # torch: only when there is work
 
             with vlm.load() if uses_vlm else nullcontext(None) as loaded:
-                r = fit_sae(cfg, store, layer, width, loaded)
+                r = fit_sae(cfg, store, layer, width, loaded, report=context.log.info)
             if (png := training_curve_png(r.log, f"layer {layer}, width {width}")) is not None:
                 store.write_bytes(png, folder, CURVE)
             return r.data_version, {"path": r.path, "layer": layer, "width": width, "source": r.source,

@@ -219,3 +219,17 @@ def test_active_fraction_counts_only_strong_patches(world):
         acts = np.array(row["patch_activations"])
         assert row["active_threshold"] == pytest.approx(0.5 * acts.max(), rel=1e-6)
         assert row["active_count"] == int((acts > 0.5 * acts.max()).sum())
+
+
+def test_progress_lines_report_every_tenth_without_changing_the_pass(world):
+    """The asset's progress lines (msae.runtime.ProgressReport): one per tenth of the batches, the
+    last at 100 %, and the same stats and top examples as a pass without them."""
+    tokens, x, sae, _ = world
+    cfg = LatentsConfig(top_k=3, batch_samples=1)  # 23 samples: 23 batches
+    quiet = compute_latent_stats(sae, x, tokens, cfg)
+    lines: list[str] = []
+    loud = compute_latent_stats(sae, x, tokens, cfg, report=lines.append)
+    assert loud.stats.equals(quiet.stats) and loud.top_examples.equals(quiet.top_examples)
+    assert len(lines) == 10 and all(line.startswith("latent stats: batch ") for line in lines)
+    assert lines[0].startswith("latent stats: batch 3/23 (13 %)") and lines[-1].startswith("latent stats: batch 23/23 (100 %)")
+    assert "left" in lines[0] and "left" not in lines[-1]

@@ -246,3 +246,31 @@ def test_loss_recovered_on_a_tiny_llava_next():
         identity.W_dec.copy_(torch.cat([torch.eye(d), -torch.eye(d)]))
     out = loss_recovered(model, dict(inputs), 1, identity.eval())
     assert out.with_sae == pytest.approx(out.clean, abs=1e-5) and out.zero_ablated != pytest.approx(out.clean)
+
+
+def test_progress_lines_leave_training_bitwise_unchanged(planted):
+    """The SAE asset's progress lines: one per tenth of the steps with the latest logged FVU, and
+    the same weights as training without them."""
+    data, arr = planted
+    cfg = _small_cfg(token_budget=51_200)  # 200 steps
+    quiet = train_sae(arr, data.tokens, cfg, 64, progress=False)
+    lines: list[str] = []
+    loud = train_sae(arr, data.tokens, cfg, 64, progress=False, report=lines.append)
+    assert torch.equal(loud.model.W_dec, quiet.model.W_dec) and torch.equal(loud.model.b_dec, quiet.model.b_dec)
+    assert len(lines) == 10 and lines[-1].startswith("SAE width 64: step 200/200 (100 %)")
+    assert lines[0].startswith("SAE width 64: step 20/200 (10 %)") and "fvu " in lines[-1]
+
+
+def test_progress_report_boundaries_and_resume():
+    from msae.runtime import ProgressReport
+
+    clock = iter(range(100)).__next__
+    out: list[str] = []
+    rep = ProgressReport(out.append, "x", 50, start=22, every=0.25, clock=lambda: float(clock()))
+    for done in range(23, 51):
+        rep.update(done)
+    # resumed at 22 of 50: boundaries 25, 37.5 -> 38, 50; elapsed counts from the resume
+    assert [line.split(",")[0] for line in out] == ["x 25/50 (50 %)", "x 38/50 (76 %)", "x 50/50 (100 %)"]
+    assert out[0] == "x 25/50 (50 %), 1 s, ~8 s left"
+    with pytest.raises(ValueError, match="every"):
+        ProgressReport(out.append, "x", 10, every=0)

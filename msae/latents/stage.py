@@ -8,6 +8,7 @@ Writes under ``<store>/latents/layer=<L>/width=<W>/`` (formats: docs/formats.md)
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -34,8 +35,10 @@ def stats_device(cfg: MsaeConfig) -> str:
 
 
 def run_latent_stats(cfg: MsaeConfig, store: Store, layer: int, width: int, *, fingerprint: str = "",
-                     progress: bool = False) -> tuple[str, dict[str, Any]]:
-    """Compute and write everything; returns (data version, metadata)."""
+                     progress: bool = False, report: Callable[[str], None] | None = None
+                     ) -> tuple[str, dict[str, Any]]:
+    """Compute and write everything; returns (data version, metadata). ``report``: progress lines
+    (:class:`msae.runtime.ProgressReport`)."""
     from msae.sae.formats import load_sae
     from msae.sae.stage import open_layer
 
@@ -47,7 +50,7 @@ def run_latent_stats(cfg: MsaeConfig, store: Store, layer: int, width: int, *, f
     from msae.latents.stats import compute_latent_stats
 
     result = compute_latent_stats(sae, open_layer(store, layer), tokens, cfg.latents, device=stats_device(cfg),
-                                  progress=progress, checkpoint=ckpt, fingerprint=fingerprint)
+                                  progress=progress, checkpoint=ckpt, fingerprint=fingerprint, report=report)
     store.write_parquet(result.stats, folder, STATS)
     store.write_parquet(result.top_examples, folder, TOP)
     cards = write_latent_cards(cfg, store, layer, width, result)

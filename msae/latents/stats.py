@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ import torch
 
 from msae.config import LatentsConfig
 from msae.latents.answer_position import answer_position_rows
+from msae.runtime import ProgressReport
 from msae.sae.model import SparseCoder
 
 log = logging.getLogger(__name__)
@@ -276,6 +277,7 @@ def compute_latent_stats(
     checkpoint: str | None = None,
     checkpoint_every: int = 50,
     fingerprint: str = "",
+    report: Callable[[str], None] | None = None,
 ) -> LatentStatsResult:
     """Stats of every latent and top examples of the selected, non-dead ones (module doc).
 
@@ -283,6 +285,7 @@ def compute_latent_stats(
     input normalisation in); ``tokens``: path of a local tokens.parquet or the table itself.
     ``checkpoint``: local file where pass 1 saves its state every ``checkpoint_every`` batches; a
     rerun with the same ``fingerprint`` (SAE + settings) resumes from it instead of starting over.
+    ``report``: where a progress line goes at every tenth of the batches (:class:`msae.runtime.ProgressReport`).
     """
     t0 = time.perf_counter()
     sae = sae.to(device).eval()
@@ -315,7 +318,10 @@ def compute_latent_stats(
         n_image, n_text, n_skipped = counts
         log.info("latent stats: resuming after %d of %d batches from %s", done, len(batches), checkpoint)
     bar = _progress(batches[done:], progress, "latent stats")
+    lines = ProgressReport(report, "latent stats: batch", len(batches), done) if report else None
     for b, (s0, s1) in enumerate(bar, start=done):
+        if lines is not None:
+            lines.update(b)
         if checkpoint and b > done and (b - done) % checkpoint_every == 0:
             _save_checkpoint(checkpoint, fingerprint, state, b, (n_image, n_text, n_skipped),
                              prior_s + time.perf_counter() - t0)
@@ -370,6 +376,8 @@ def compute_latent_stats(
             top_txt.merge(uniq // n_local, uniq % n_local, peak, globals_,
                           _payload(srow[any_text], local[any_text], slot, v[any_text], n_local, max_text))
 
+    if lines is not None:
+        lines.update(len(batches))
     if checkpoint:
         _save_checkpoint(checkpoint, fingerprint, state, len(batches), (n_image, n_text, n_skipped),
                          prior_s + time.perf_counter() - t0)

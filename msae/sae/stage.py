@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -156,7 +157,7 @@ def batched_loss_recovered(vlm: Any, samples: pl.DataFrame, cfg: MsaeConfig, lay
 
 def fit_sae(
     cfg: MsaeConfig, store: Store, layer: int, width: int, vlm: Any | None = None, *,
-    device: str | None = None, progress: bool = False,
+    device: str | None = None, progress: bool = False, report: Callable[[str], None] | None = None,
 ) -> SaeStageResult:
     """Train or load the SAE for ``layer`` × ``width``, evaluate it and save it (module doc)."""
     from msae.sae.train import default_lr, train_sae
@@ -172,7 +173,7 @@ def fit_sae(
         from msae.manifest import load_manifest
 
         extracted = load_manifest(store, "activations", str(layer))  # None: extracted outside the pipeline
-        trained = train_sae(array, tokens, scfg, width, ckpt, device, progress=progress,
+        trained = train_sae(array, tokens, scfg, width, ckpt, device, progress=progress, report=report,
                             data_version=extracted.data_version if extracted is not None else None)
         sae, log, train_meta = trained.model, trained.log, trained.metadata()
         train_meta["resumed_from_step"] = trained.resumed_from_step

@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from msae.config import SAEConfig, config_hash
+from msae.runtime import ProgressReport
 from msae.sae.model import SparseCoder
 from msae.sae.stream import ActivationStream, heldout_mask, modality_mask, sample_rows
 from msae.store import tmp_name
@@ -171,6 +173,7 @@ def train_sae(
     max_steps: int | None = None,
     prefetch: bool = True,
     data_version: str | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train a ``cfg.architecture`` SAE with ``width`` latents on rows of ``array`` (zarr or numpy).
 
@@ -181,6 +184,8 @@ def train_sae(
     retrained weights would resume the old model's SAE; the pipeline always passes it.
     ``max_steps`` stops early (after a checkpoint) while keeping the schedule of the full budget —
     an interruption on purpose, for tests and time-sliced jobs.
+    ``report``: where a progress line goes at every tenth of the steps (:class:`msae.runtime.ProgressReport`;
+    the asset passes its Dagster logger, which sees no tqdm bar).
     """
     if tokens.height != array.shape[0]:
         raise ValueError(f"tokens.parquet has {tokens.height} rows but the activation array has "
@@ -230,6 +235,7 @@ def train_sae(
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     end = total_steps if max_steps is None else min(total_steps, start + max_steps)
     pbar = tqdm(total=total_steps, initial=start, disable=not progress, desc=f"SAE w={width}", unit="step")
+    lines = ProgressReport(report, f"SAE width {width}: step", total_steps, start) if report else None
     model.train()
     batches = stream.batches(start)
 
@@ -273,6 +279,8 @@ def train_sae(
                 acc.zero_()
                 acc_n = 0
             pbar.update()
+            if lines is not None:
+                lines.update(done, lambda: f"fvu {log[-1]['fvu']:.4f}, dead {log[-1]['dead_fraction']:.2f}" if log else "")
             if done % cfg.checkpoint_every == 0 or done == end:
                 checkpoint(done)
     finally:
