@@ -5,7 +5,8 @@ Reads, per layer × width of the embedded profile, ``concepts.parquet`` (masked 
 labels) joined with ``ground_truth.parquet`` — the same join as the report's confusions — and sums
 them. For the textual latents labelled none it tells apart: named ``<answer position>`` while the
 ground truth names another word; named another wrong word; no concept; named right (then the label
-rule, not the name, turned it down). Nothing is recomputed.
+rule, not the name, turned it down); and counts those whose ground-truth word is in none of their top
+texts (the words they are active on there). Nothing is recomputed.
 
 ``python benchmarks/bench_label_errors.py [--store outputs/embedded] [--write]`` (after ``make demo``).
 """
@@ -33,6 +34,9 @@ def joined(store_dir: str):
     from msae.score.stage import CONCEPTS, GROUND_TRUTH
     from msae.store import Store
 
+    from msae.latents.evidence import load_evidence
+    from msae.score.population import evidence_words
+
     cfg = load_config(profile="embedded")
     store = Store(str(Path(store_dir).resolve()))
     parts = []
@@ -41,8 +45,15 @@ def joined(store_dir: str):
             folder = concepts_folder(layer, width)
             c = store.read_parquet(folder, CONCEPTS).filter(pl.col("prompting") == cfg.explainer.prompting[0])
             gt = store.read_parquet(folder, GROUND_TRUTH)
-            parts.append(c.join(gt.with_columns(pl.col("latent").cast(c.schema["latent"])), on="latent")
-                         .with_columns(pl.lit(f"{layer} × {width}").alias("partition")))
+            j = c.join(gt.with_columns(pl.col("latent").cast(c.schema["latent"])), on="latent")
+            # is the ground truth's word among the words the latent is active on in its top texts?
+            grounded = j.filter(pl.col("gt_textual_concept").is_not_null())
+            evidence = load_evidence(store, layer, width, grounded["latent"].to_list())
+            shown = {lat: set(evidence_words(ev.texts, cfg.explainer.examples)) for lat, ev in evidence.items()}
+            in_top = [None if w is None else w in shown.get(lat, set())
+                      for lat, w in zip(j["latent"].to_list(), j["gt_textual_concept"].to_list())]
+            parts.append(j.with_columns(pl.lit(f"{layer} × {width}").alias("partition"),
+                                        pl.Series("gt_word_in_top_texts", in_top, dtype=pl.Boolean)))
     return pl.concat(parts, how="diagonal_relaxed")
 
 
@@ -67,7 +78,10 @@ def textual_misses(j) -> dict[str, object]:
             instead[t] += 1
         else:
             kinds["named another wrong word"] += 1
-    return {"n": miss.height, "found": j.filter((pl.col("gt_modality") == "textual")
+    by_auroc = miss.filter(pl.col("gt_textual_rule") == "auroc")
+    return {"n": miss.height, "by_auroc": by_auroc.height,
+            "absent": int((~miss["gt_word_in_top_texts"].fill_null(True)).sum()),
+            "absent_by_auroc": int((~by_auroc["gt_word_in_top_texts"].fill_null(True)).sum()), "found": j.filter((pl.col("gt_modality") == "textual")
                                                 & (pl.col("modality") == "textual")).height,
             "total": j.filter(pl.col("gt_modality") == "textual").height, "kinds": kinds, "instead": instead}
 
@@ -89,6 +103,9 @@ def report(j) -> str:
     lines += ["", f"Ground-truth textual latents: {t['found']} of {t['total']} labelled textual, {t['n']} labelled "
               "none. Of those:", ""]
     lines += [f"- {k}: {v}" for k, v in t["kinds"].most_common()]
+    lines += ["", f"Of the {t['n']}, {t['by_auroc']} are grounded by AUROC (coverage) and {t['absent']} have the ground "
+              f"truth's word among none of the words they are active on in their top texts "
+              f"({t['absent_by_auroc']} of them grounded by AUROC): no reading of the evidence can name those."]
     if t["instead"]:
         lines += ["", "The ground truth's words where the concept was `<answer position>`: "
                   + ", ".join(f"{w} {n}" for w, n in t["instead"].most_common()) + "."]

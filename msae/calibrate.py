@@ -76,6 +76,9 @@ TEXTUAL_READINGS: tuple[tuple[str, bool], ...] = (("similarity", False), ("cover
 chosen tolerance and number of population words (the method's first: ties keep it)."""
 MIN_POSITIVES_GRID: tuple[int, ...] = (5, 10, 20, 40)
 """``scores.population_min_positives`` values swept."""
+SELECTION_KEYS: tuple[str, ...] = ("select_by_detection", "selection_tolerance", "selection_population_words",
+                                   "textual_selection_measure", "selection_evidence_words")
+"""The ``scores`` fields concept selection's calibration chooses (each candidate row holds them all)."""
 COVERAGE_ALONE_GRID: tuple[float, ...] = (0.0, 0.9, 0.925, 0.95, 0.975)
 """``scores.textual_coverage_alone_threshold`` values swept at the best gate (0: off, first so ties keep it off)."""
 LABEL_RULE_KEYS: tuple[str, ...] = ("visual_threshold", "textual_threshold", "visual_population_threshold",
@@ -368,11 +371,7 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         cfg = parse_config(data)
     selection = selection_candidates(cfg, store, keys)
     best_sel = best_selection(selection)
-    data["scores"] = {**data.get("scores", {}), "select_by_detection": best_sel["select_by_detection"],
-                      "selection_tolerance": best_sel["selection_tolerance"],
-                      "selection_population_words": best_sel["selection_population_words"],
-                      "textual_selection_measure": best_sel["textual_selection_measure"],
-                      "selection_evidence_words": best_sel["selection_evidence_words"]}
+    data["scores"] = {**data.get("scores", {}), **{k: best_sel[k] for k in SELECTION_KEYS}}
     cfg = parse_config(data)
     windows = text_window_candidates(cfg, store, keys)
     best_w = max(windows, key=lambda r: (r["best"]["macro_f1"], -windows.index(r)))
@@ -384,11 +383,7 @@ def run(store_dir: str = "outputs/calibration", out: Path = CALIBRATION_FILE) ->
         "chosen": {"latents.ranking": best_ev["ranking"], "latents.active_fraction": best_ev["active_fraction"],
                    "embedders.text_window": best_w["text_window"],
                    "embedders.text_window_context": best_w["text_window_context"],
-                   "scores.select_by_detection": best_sel["select_by_detection"],
-                   "scores.selection_tolerance": best_sel["selection_tolerance"],
-                   "scores.selection_population_words": best_sel["selection_population_words"],
-                   "scores.textual_selection_measure": best_sel["textual_selection_measure"],
-                   "scores.selection_evidence_words": best_sel["selection_evidence_words"],
+                   **{f"scores.{k}": best_sel[k] for k in SELECTION_KEYS},
                    **{f"scores.{k}": best_t[k] for k in LABEL_RULE_KEYS}},
         "evidence_candidates": evidence,
         "selection_candidates": selection,
